@@ -1,0 +1,491 @@
+"""The HunyuanVideo-Foley MMDiT denoiser, state-dict compatible with the official checkpoints.
+
+Structure (official names): text/visual/sync/time embedders -> ``triple_blocks`` (audio and visual
+streams with joint self-attention, cross-attention to text, per-stream MLPs) -> ``single_blocks``
+(audio only, per-token modulation, k=3 conv projections) -> ``final_layer``.
+
+The forward pass is split the way a sampler wants it: :meth:`FoleyDiT.prepare_conditions` does the
+work that does not depend on the step (text, visual and sync embeddings, every block's text K/V,
+RoPE tables) once per request, and :meth:`FoleyDiT.predict_flow` runs per step. ``forward`` composes
+the two and reproduces the official ``forward(...)["x"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from foleyserve.models.layers import (
+    MLP,
+    ConditionProjection,
+    ConvMLP,
+    FinalLayer,
+    Modulation,
+    PatchEmbed1D,
+    QKNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    TokenConv1d,
+    apply_rope,
+    nearest_exact_index,
+    rope_tables,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The model_kwargs the official model reads, with the official constructor's defaults."""
+
+    depth_triple_blocks: int = 19
+    depth_single_blocks: int = 38
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    mlp_act_type: str = "gelu_tanh"
+    qkv_bias: bool = True
+    qk_norm: bool = True
+    qk_norm_type: str = "rms"
+    interleaved_audio_visual_rope: bool = False
+    sync_modulation: bool = False
+    add_sync_feat_to_audio: bool = False
+    use_attention_mask: bool = False
+    condition_projection: str = "linear"
+    sync_feat_dim: int = 768
+    sync_in_ksz: int = 1
+    condition_dim: int = 768
+    clip_dim: int = 768
+    audio_vae_latent_dim: int = 128
+    audio_frame_rate: int = 50
+    clip_length: int = 64
+    sync_length: int = 192
+    # Keys the official model accepts but never reads (see the research notes, quirk 13).
+    ignored: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def from_model_kwargs(cls, kwargs: Mapping[str, Any]) -> "DiTConfig":
+        known = {f.name for f in fields(cls)} - {"ignored"}
+        cfg = cls(
+            **{k: v for k, v in kwargs.items() if k in known},
+            ignored={k: v for k, v in kwargs.items() if k not in known},
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        # Variants the released checkpoints never use; the official code has them half-wired. Refuse
+        # them loudly rather than produce numbers nobody has checked.
+        unsupported = []
+        if not self.interleaved_audio_visual_rope:
+            unsupported.append("interleaved_audio_visual_rope=False")
+        if self.sync_modulation or not self.add_sync_feat_to_audio:
+            unsupported.append("sync conditioning other than add_sync_feat_to_audio=True, sync_modulation=False")
+        if self.use_attention_mask:
+            unsupported.append("use_attention_mask=True")
+        if not self.qk_norm or self.qk_norm_type != "rms":
+            unsupported.append(f"qk_norm={self.qk_norm}/{self.qk_norm_type} (only RMS qk-norm)")
+        if self.mlp_act_type != "gelu_tanh":
+            unsupported.append(f"mlp_act_type={self.mlp_act_type!r}")
+        if self.condition_projection != "linear":
+            unsupported.append(f"condition_projection={self.condition_projection!r}")
+        if self.sync_in_ksz not in (1, 3):
+            unsupported.append(f"sync_in_ksz={self.sync_in_ksz}")
+        if unsupported:
+            raise NotImplementedError("unsupported HunyuanVideo-Foley config: " + "; ".join(unsupported))
+
+
+_RELEASED_COMMON: dict[str, Any] = {
+    "mlp_ratio": 4,
+    "mlp_act_type": "gelu_tanh",
+    "qkv_bias": True,
+    "qk_norm": True,
+    "qk_norm_type": "rms",
+    "attn_mode": "torch",
+    "embedder_type": "default",
+    "interleaved_audio_visual_rope": True,
+    "enable_learnable_empty_visual_feat": True,
+    "sync_modulation": False,
+    "add_sync_feat_to_audio": True,
+    "cross_attention": True,
+    "use_attention_mask": False,
+    "condition_projection": "linear",
+    "sync_feat_dim": 768,
+    "condition_dim": 768,
+    "clip_dim": 768,
+    "audio_vae_latent_dim": 128,
+    "audio_frame_rate": 50,
+    "patch_size": 1,
+    "rope_dim_list": None,
+    "rope_theta": 10000,
+    "text_length": 77,
+    "clip_length": 64,
+    "sync_length": 192,
+    "depth_triple_ssl_encoder": None,
+    "depth_single_ssl_encoder": 8,
+    "use_repa_with_audiossl": True,
+}
+
+
+def xxl_config() -> dict[str, Any]:
+    """model_kwargs of ``configs/hunyuanvideo-foley-xxl.yaml`` (5.13 B parameters)."""
+    return {**_RELEASED_COMMON, "depth_triple_blocks": 18, "depth_single_blocks": 36, "hidden_size": 1536, "num_heads": 12}
+
+
+def xl_config() -> dict[str, Any]:
+    """model_kwargs of ``configs/hunyuanvideo-foley-xl.yaml`` (2.91 B parameters)."""
+    return {**_RELEASED_COMMON, "depth_triple_blocks": 12, "depth_single_blocks": 24, "hidden_size": 1408, "num_heads": 11}
+
+
+def tiny_config() -> dict[str, Any]:
+    """The conformance fixtures' tiny model: XXL with d=128, 2 heads, 2+2 blocks (3.9 M parameters)."""
+    return {**xxl_config(), "hidden_size": 128, "num_heads": 2, "depth_triple_blocks": 2, "depth_single_blocks": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-invariant conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTConditions:
+    """Everything a denoising step needs that does not depend on the step.
+
+    Tensors have the batch layout of the model call (for CFG: unconditional rows first).
+    """
+
+    visual: torch.Tensor  # [B, Lv, d] visual_proj(clip_feat), the visual stream's input
+    add_sync: torch.Tensor  # [B, La, d] sync_in(sync_feat) stretched to the latent length
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per triple block: K (normed, rotated), V [B, Lt, H, Dh]
+    rope_audio_self: tuple[torch.Tensor, torch.Tensor]  # audio rows of the interleaved table (positions 2i)
+    rope_visual_self: tuple[torch.Tensor, torch.Tensor]  # visual rows (positions 2*m(j)+1)
+    visual_gather: torch.Tensor  # [Lv] which visual token lands at each visual row after the round trip
+    rope_audio: tuple[torch.Tensor, torch.Tensor]  # positions 0..La-1 (cross-attention and single blocks)
+    rope_visual: tuple[torch.Tensor, torch.Tensor]  # positions 0..Lv-1 (cross-attention)
+
+    @property
+    def audio_len(self) -> int:
+        return self.add_sync.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.add_sync.shape[0]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over token-major ``[B, L, H, Dh]`` tensors, returning ``[B, Lq, H*Dh]``."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    b, _, lq, _ = out.shape
+    return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def _ln(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _rope_bcast(table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert the head axis so a ``[L, Dh]`` table broadcasts over token-major ``[B, L, H, Dh]``."""
+    return table[0][:, None, :], table[1][:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class TripleStreamBlock(nn.Module):
+    """Audio and visual streams: joint self-attention, cross-attention to text, per-stream MLPs."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> None:
+        super().__init__()
+        d, hd = hidden_size, hidden_size // num_heads
+        self.num_heads = num_heads
+        self.audio_mod = Modulation(d, 9)
+        self.audio_self_attn_qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
+        self.audio_self_q_norm = QKNorm(hd)
+        self.audio_self_k_norm = QKNorm(hd)
+        self.audio_self_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.v_cond_mod = Modulation(d, 9)
+        self.v_cond_attn_qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
+        self.v_cond_attn_q_norm = QKNorm(hd)
+        self.v_cond_attn_k_norm = QKNorm(hd)
+        self.v_cond_self_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.audio_cross_q = nn.Linear(d, d, bias=qkv_bias)
+        self.v_cond_cross_q = nn.Linear(d, d, bias=qkv_bias)
+        self.text_cross_kv = nn.Linear(d, 2 * d, bias=qkv_bias)
+        self.audio_cross_q_norm = QKNorm(hd)
+        self.v_cond_cross_q_norm = QKNorm(hd)
+        self.text_cross_k_norm = QKNorm(hd)
+        self.audio_cross_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.v_cond_cross_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.audio_mlp = MLP(d, mlp_hidden)
+        self.v_cond_mlp = MLP(d, mlp_hidden)
+
+    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        # Official layout: the part axis (q/k/v or k/v) is outermost, then heads, then head_dim.
+        b, n, _ = x.shape
+        return x.view(b, n, parts, self.num_heads, -1).unbind(2)
+
+    def text_kv(self, text: torch.Tensor, rope_text: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text keys (RMS-normed, rotated over text positions) and values: independent of the step."""
+        k, v = self._heads(self.text_cross_kv(text), 2)
+        k = self.text_cross_k_norm(k).to(v.dtype)
+        return apply_rope(k, *_rope_bcast(rope_text)), v
+
+    def forward(
+        self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions, index: int, last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a_mod = self.audio_mod(vec).unsqueeze(1).chunk(9, dim=-1)
+        v_mod = self.v_cond_mod(vec).unsqueeze(1).chunk(9, dim=-1)
+        n_vis = visual.shape[1]
+
+        # (a) joint self-attention over [visual ; audio]
+        a_q, a_k, a_v = self._heads(self.audio_self_attn_qkv(_modulate(_ln(audio, 1e-6), a_mod[0], a_mod[1])), 3)
+        a_q = self.audio_self_q_norm(a_q).to(a_v.dtype)
+        a_k = self.audio_self_k_norm(a_k).to(a_v.dtype)
+        v_q, v_k, v_v = self._heads(self.v_cond_attn_qkv(_modulate(_ln(visual, 1e-6), v_mod[0], v_mod[1])), 3)
+        v_q = self.v_cond_attn_q_norm(v_q).to(v_v.dtype)
+        v_k = self.v_cond_attn_k_norm(v_k).to(v_v.dtype)
+
+        # Interleaved audio-visual RoPE: audio at even positions 2i; the official resize-interleave-
+        # resize round trip leaves visual token gather[j] in row j with position 2*m(j)+1.
+        rope_a = _rope_bcast(c.rope_audio_self)
+        rope_v = _rope_bcast(c.rope_visual_self)
+        a_q, a_k = apply_rope(a_q, *rope_a), apply_rope(a_k, *rope_a)
+        g = c.visual_gather
+        v_k = apply_rope(v_k[:, g], *rope_v)
+        keys, values = torch.cat((v_k, a_k), 1), torch.cat((v_v, a_v), 1)
+        if last:
+            # The model discards the last block's visual outputs, so only audio queries are needed;
+            # attention rows are independent, so this changes no audio number.
+            audio = audio + self.audio_self_proj(_sdpa(a_q, keys, values)) * a_mod[2]
+        else:
+            v_q = apply_rope(v_q[:, g], *rope_v)
+            attn = _sdpa(torch.cat((v_q, a_q), 1), keys, values)
+            audio = audio + self.audio_self_proj(attn[:, n_vis:]) * a_mod[2]
+            visual = visual + self.v_cond_self_proj(attn[:, :n_vis]) * v_mod[2]
+
+        # (b) cross-attention to text; each stream rotated over its own positions
+        t_k, t_v = c.text_kv[index]
+        a_q = self.audio_cross_q_norm(self._heads(self.audio_cross_q(_modulate(_ln(audio, 1e-6), a_mod[3], a_mod[4])), 1)[0])
+        a_q = apply_rope(a_q, *_rope_bcast(c.rope_audio))
+        if last:
+            audio = audio + self.audio_cross_proj(_sdpa(a_q, t_k, t_v)) * a_mod[5]
+        else:
+            v_q = self.v_cond_cross_q_norm(self._heads(self.v_cond_cross_q(_modulate(_ln(visual, 1e-6), v_mod[3], v_mod[4])), 1)[0])
+            v_q = apply_rope(v_q, *_rope_bcast(c.rope_visual))
+            cross = _sdpa(torch.cat((v_q, a_q), 1), t_k, t_v)
+            audio = audio + self.audio_cross_proj(cross[:, n_vis:]) * a_mod[5]
+            visual = visual + self.v_cond_cross_proj(cross[:, :n_vis]) * v_mod[5]
+
+        # (c) MLPs
+        audio = audio + self.audio_mlp(_modulate(_ln(audio, 1e-6), a_mod[6], a_mod[7])) * a_mod[8]
+        if not last:
+            visual = visual + self.v_cond_mlp(_modulate(_ln(visual, 1e-6), v_mod[6], v_mod[7])) * v_mod[8]
+        return audio, visual
+
+
+class SingleStreamBlock(nn.Module):
+    """Audio-only block with per-token modulation and k=3 convolutional projections."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        d, hd = hidden_size, hidden_size // num_heads
+        self.num_heads = num_heads
+        self.modulation = Modulation(d, 6)
+        self.linear_qkv = nn.Linear(d, 3 * d, bias=True)
+        self.linear1 = TokenConv1d(d, d, kernel_size=3, padding=1, bias=True)
+        self.linear2 = ConvMLP(d, mlp_hidden, kernel_size=3)
+        # torch's RMSNorm with eps=None (machine epsilon, fp32 compute), unlike the triple blocks.
+        self.q_norm = nn.RMSNorm(hd)
+        self.k_norm = nn.RMSNorm(hd)
+
+    def forward(self, x: torch.Tensor, mod_in: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(mod_in).chunk(6, dim=-1)
+        b, n, d = x.shape
+        # Official layout differs from the triple blocks: (heads, head_dim, qkv) with qkv innermost.
+        qkv = self.linear_qkv(_modulate(_ln(x, 1e-5), shift_a, scale_a)).view(b, n, self.num_heads, -1, 3)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(-1))
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+        x = x + self.linear1(out.transpose(1, 2).reshape(b, n, d)) * gate_a
+        return x + self.linear2(_modulate(_ln(x, 1e-5), shift_m, scale_m)) * gate_m
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class FoleyDiT(nn.Module):
+    """HunyuanVideo-Foley's denoiser. Predicts flow velocity for latents ``[B, 128, La]``."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.audio_embedder = PatchEmbed1D(cfg.audio_vae_latent_dim, d)
+        self.visual_proj = SwiGLU(cfg.clip_dim, d, d)
+        self.cond_in = ConditionProjection(cfg.condition_dim, d)
+        self.time_in = TimestepEmbedder(d)
+        self.sync_in = nn.Sequential(nn.Linear(cfg.sync_feat_dim, d), nn.SiLU(), ConvMLP(d, 4 * d, cfg.sync_in_ksz))
+        self.sync_pos_emb = nn.Parameter(torch.zeros(1, 1, 8, cfg.sync_feat_dim))
+        self.triple_blocks = nn.ModuleList(
+            TripleStreamBlock(d, cfg.num_heads, cfg.mlp_hidden, cfg.qkv_bias) for _ in range(cfg.depth_triple_blocks)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth_single_blocks)
+        )
+        self.final_layer = FinalLayer(d, cfg.audio_vae_latent_dim)
+        # Learned stand-ins for "no video", used by the unconditional CFG branch.
+        self.empty_clip_feat = nn.Parameter(torch.zeros(1, cfg.clip_dim))
+        self.empty_sync_feat = nn.Parameter(torch.zeros(1, cfg.sync_feat_dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.audio_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.audio_embedder.proj.weight.device
+
+    # -- conditioning -------------------------------------------------------------------------
+
+    def empty_visual(self, batch: int, clip_len: int, sync_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional branch's visual inputs: the learned empty vectors broadcast over time."""
+        return (
+            self.empty_clip_feat.unsqueeze(0).expand(batch, clip_len, -1),
+            self.empty_sync_feat.unsqueeze(0).expand(batch, sync_len, -1),
+        )
+
+    def embed_sync(self, sync_feat: torch.Tensor, audio_len: int) -> torch.Tensor:
+        """Synchformer tokens -> model width, stretched to the latent length with nearest-exact."""
+        b, n, ch = sync_feat.shape
+        if n % 8:
+            raise ValueError(f"sync_feat has {n} tokens; Synchformer gives 8 per segment, so it must be a multiple of 8")
+        x = (sync_feat.view(b, n // 8, 8, ch) + self.sync_pos_emb).view(b, n, ch)
+        x = self.sync_in(x)
+        return F.interpolate(x.transpose(1, 2), size=audio_len, mode="nearest-exact").transpose(1, 2)
+
+    def prepare_conditions(
+        self, *, clip_feat: torch.Tensor, sync_feat: torch.Tensor, cond: torch.Tensor, audio_len: int
+    ) -> DiTConditions:
+        """Step-invariant work of one forward: embeddings, text K/V of every block, RoPE tables."""
+        dev = self.device
+        hd = self.config.hidden_size // self.num_heads
+        n_vis, n_text = clip_feat.shape[1], cond.shape[1]
+        text = self.cond_in(cond)
+        visual = self.visual_proj(clip_feat)
+        add_sync = self.embed_sync(sync_feat, audio_len)
+
+        up = nearest_exact_index(n_vis, audio_len)  # audio row -> visual token (visual stretched to La)
+        down = nearest_exact_index(audio_len, n_vis)  # visual row -> interleaved slot it is read back from
+        pos_audio = torch.arange(audio_len, dtype=torch.float32)
+        rope_text = tuple(t.to(dev) for t in rope_tables(torch.arange(n_text, dtype=torch.float32), hd))
+        return DiTConditions(
+            visual=visual,
+            add_sync=add_sync,
+            text_kv=[blk.text_kv(text, rope_text) for blk in self.triple_blocks],
+            rope_audio_self=tuple(t.to(dev) for t in rope_tables(2 * pos_audio, hd)),
+            rope_visual_self=tuple(t.to(dev) for t in rope_tables(2 * down.float() + 1, hd)),
+            visual_gather=up[down].to(dev),
+            rope_audio=tuple(t.to(dev) for t in rope_tables(pos_audio, hd)),
+            rope_visual=tuple(t.to(dev) for t in rope_tables(torch.arange(n_vis, dtype=torch.float32), hd)),
+        )
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def predict_flow(self, x: torch.Tensor, t: torch.Tensor, conditions: DiTConditions) -> torch.Tensor:
+        """Velocity for latents ``x [B, C, La]`` at timesteps ``t [B]`` (0..1000 scale)."""
+        c = conditions
+        if x.shape[-1] != c.audio_len or x.shape[0] != c.batch_size:
+            raise ValueError(
+                f"latents {tuple(x.shape)} do not match the prepared conditions (batch {c.batch_size}, length {c.audio_len})"
+            )
+        vec = self.time_in(t)
+        audio = self.audio_embedder(x) + c.add_sync
+        visual = c.visual
+        n = len(self.triple_blocks)
+        for i, block in enumerate(self.triple_blocks):
+            audio, visual = block(audio, visual, vec, c, i, last=i == n - 1)
+        # Per-token conditioning of the single blocks: stretched sync features plus the time vector.
+        mod_in = c.add_sync + vec.unsqueeze(1)
+        rope = c.rope_audio
+        for block in self.single_blocks:
+            audio = block(audio, mod_in, rope)
+        return self.final_layer(audio).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_feat: torch.Tensor,
+        sync_feat: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> torch.Tensor:
+        """One official forward call; returns the ``"x"`` entry of the official output, ``[B, 128, La]``."""
+        conditions = self.prepare_conditions(clip_feat=clip_feat, sync_feat=sync_feat, cond=cond, audio_len=x.shape[-1])
+        return self.predict_flow(x, t, conditions)
+
+
+def init_dit_weights(model: FoleyDiT, generator: torch.Generator | None = None, std: float = 0.02) -> FoleyDiT:
+    """Seeded random weights for demos and tests (not the official training init: it zeroes the
+    modulation and output layers, which would make an untrained model output exactly zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("_norm.weight"):
+                p.fill_(1.0)
+            elif p.ndim >= 2 and "sync_pos_emb" not in name:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(fan_in**-0.5))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std))
+    return model
+
+
+def build_dit(
+    model_kwargs: Mapping[str, Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+) -> FoleyDiT:
+    """Build the denoiser from an official yaml's ``model_kwargs``.
+
+    On ``device="meta"`` nothing is allocated (for manifests, or to load a checkpoint with
+    ``assign=True`` straight into the target dtype). Elsewhere the weights are seeded random ones
+    (``seed``), to be overwritten by ``load_state_dict`` for real use.
+    """
+    cfg = DiTConfig.from_model_kwargs(model_kwargs)
+    with torch.device("meta"):
+        model = FoleyDiT(cfg)
+    model = model.to(dtype=dtype)
+    if torch.device(device).type != "meta":
+        model = model.to_empty(device=device)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        init_dit_weights(model, gen)
+    return model.eval()
