@@ -1,4 +1,4 @@
-"""Synthesize ``assets/sample.mp4``: a rubber ball dropped onto a wooden floor, bouncing to rest.
+"""Synthesize ``src/foleyserve/assets/sample.mp4``: a rubber ball dropped onto a wooden floor, bouncing to rest.
 
 Four seconds, 25 fps, 320x240, H.264 (yuv420p) in MP4, written with PyAV only. The scene is built
 so that Foley has something obvious to do: every floor impact happens at a known time (printed,
@@ -8,7 +8,7 @@ The clip is deterministic for a given FFmpeg build: pure numpy rendering, fixed 
 single encoder thread (x264's output depends on its thread count, which would otherwise follow the
 machine's core count).
 
-    python scripts/make_sample_clip.py [--out assets/sample.mp4]
+    python scripts/make_sample_clip.py [--out src/foleyserve/assets/sample.mp4]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def write_clip(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "sample.mp4")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src" / "foleyserve" / "assets" / "sample.mp4")
     args = ap.parse_args()
     write_clip(args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, {SECONDS:g} s, {FPS} fps, {WIDTH}x{HEIGHT})")

@@ -90,9 +90,245 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ generate
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_CSV_FORMATS = ("mp4", "wav", "flac")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-dir", type=Path, help="folder with the official HunyuanVideo-Foley files")
+    src.add_argument("--demo", action="store_true", help="tiny random-weight model (output is noise; no download)")
+    p.add_argument("--model", choices=("xxl", "xl"), default="xxl", help="which denoiser of the model folder (default xxl)")
+    p.add_argument("--precision", default="bf16", help=f"denoiser precision: {', '.join(_PRECISIONS)} (default bf16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
+    p.add_argument("--clap-dir", type=Path, help="local laion/larger_clap_general folder (default: search)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT
+
+    p.add_argument("--prompt", default="", help="what the scene should sound like")
+    p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f"what to avoid (default {DEFAULT_NEGATIVE_PROMPT!r})")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same audio on any device")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate Foley audio for a video (or a CSV of videos)",
+        description="Generate 48 kHz Foley for VIDEO and write it as .wav, .flac or an .mp4 with the new sound.",
+    )
+    p.add_argument("video", metavar="VIDEO", nargs="?", type=Path, help="input video file")
+    p.add_argument("--out", type=Path, help="output file: .wav, .flac or .mp4 (default: VIDEO_foley.mp4 beside the input)")
+    p.add_argument("--keep-original-audio", type=float, metavar="GAIN", help="mix the video's own sound under the Foley at this gain (mp4)")
+    p.add_argument("--csv", type=Path, help="jobs file with columns video,prompt[,negative_prompt,seed]; resumable")
+    p.add_argument("--out-dir", type=Path, help="output folder for --csv")
+    p.add_argument("--format", choices=_CSV_FORMATS, default="mp4", help="output format for --csv (default mp4)")
+    _add_sampling_args(p)
+    _add_engine_args(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the bundled sample clip with the demo model",
+        description="Generate for the bundled sample clip with the tiny random-weight demo model (its output is noise).",
+    )
+    p.add_argument("--out", type=Path, default=Path("out/sample_foley.mp4"), help="output file (default out/sample_foley.mp4)")
+    p.add_argument("--video", type=Path, help="use this video instead of the bundled sample")
+    _add_sampling_args(p)
+    p.set_defaults(run=_run_demo, prompt="a ball bouncing on a wooden floor", steps=25)
+
+
+def _engine_from_args(args: argparse.Namespace):
+    from foleyserve.pipeline.pipeline import Engine
+
+    if args.precision not in _PRECISIONS:
+        raise UsageError(f"unknown precision {args.precision!r}: choose one of {', '.join(_PRECISIONS)}")
+    if args.demo:
+        print("foleyserve: using the DEMO model (random weights): the audio will be noise", file=sys.stderr)
+        return Engine.demo(device=args.device)
+    if args.model_dir is None:
+        raise UsageError("no model given: pass --model-dir DIR (the official weights) or --demo")
+    return Engine.from_pretrained(
+        args.model_dir, model=args.model, precision=args.precision, device=args.device,
+        siglip_dir=args.siglip_dir, clap_dir=args.clap_dir,
+    )
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {parent} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: folder {parent} is not writable; choose another --out")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name ending in .wav, .flac or .mp4")
+
+
+class _Progress:
+    """tqdm bars on stderr for the long stages."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.desc != stage:
+            self.close()
+            self.bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False, disable=None)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _summary(result) -> str:
+    lines = [f"wrote {', '.join(str(f) for f in result.files) or '(nothing)'}: {result.audio_seconds:.2f} s of audio at {result.sample_rate} Hz ({result.model})"]
+    for stage, rec in result.memory.items():
+        dev = f", device peak {rec['device_peak_bytes'] / 2**30:.2f} GiB" if rec["device_peak_bytes"] is not None else ""
+        lines.append(f"  {stage:<12} {rec['seconds']:8.3f} s   host peak {rec['host_peak_bytes'] / 2**30:.2f} GiB{dev}")
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    return "\n".join(lines)
+
+
+def _generation_errors() -> tuple[type[BaseException], ...]:
+    from foleyserve.media import MediaError
+    from foleyserve.models.loading import CheckpointError
+    from foleyserve.pipeline.model_dir import ModelFolderError
+    from foleyserve.pipeline.requests import RequestError
+
+    return (MediaError, RequestError, ModelFolderError, CheckpointError)
+
+
+def _run_one(engine, video: Path, out: Path, args: argparse.Namespace, gain: float | None = None):
+    from foleyserve.pipeline.requests import GenerationRequest
+
+    req = GenerationRequest(
+        video=video, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, output=out, keep_original_audio_gain=gain,
+    )
+    progress = _Progress()
+    try:
+        return engine.generate(req, progress=progress)
+    finally:
+        progress.close()
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    if args.csv is not None:
+        return _run_csv(args)
+    if args.video is None:
+        raise UsageError("no input: pass a VIDEO file, or --csv jobs.csv --out-dir DIR")
+    if not args.video.exists():
+        raise UsageError(f"video {args.video} does not exist")
+    out = args.out or args.video.with_name(args.video.stem + "_foley.mp4")
+    if out.suffix.lower() not in (".wav", ".flac", ".mp4"):
+        raise UsageError(f"output {out} must end in .wav, .flac or .mp4")
+    _check_writable(out)
+    try:
+        engine = _engine_from_args(args)
+        result = _run_one(engine, args.video, out, args, gain=args.keep_original_audio)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+    print(_summary(result))
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.pipeline.demo import sample_clip_path
+
+    video = args.video or sample_clip_path()
+    if not video.exists():
+        raise UsageError(f"video {video} does not exist")
+    _check_writable(args.out)
+    print("foleyserve demo: tiny random-weight model, the audio is NOISE; use `generate --model-dir` for real Foley", file=sys.stderr)
+    try:
+        engine = Engine.demo()
+        result = _run_one(engine, video, args.out, args)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+    print(_summary(result))
+    return EXIT_OK
+
+
+def _read_jobs(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    if not path.is_file():
+        raise UsageError(f"jobs file {path} does not exist")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            if "video" not in cols or "prompt" not in cols:
+                raise UsageError(f"{path} needs a header with columns video,prompt[,negative_prompt,seed]; found {cols}")
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a UTF-8 text CSV file") from None
+
+
+def _run_csv(args: argparse.Namespace) -> int:
+    import copy
+
+    if args.out_dir is None:
+        raise UsageError("--csv needs --out-dir DIR for the results")
+    jobs = _read_jobs(args.csv)
+    _check_writable(args.out_dir / "probe")
+    try:
+        engine = _engine_from_args(args)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+    base = args.csv.parent
+    done = skipped = failed = 0
+    for i, job in enumerate(jobs):
+        out = args.out_dir / f"{i:04d}.{args.format}"
+        if out.exists():  # written atomically below, so an existing file is a finished row
+            skipped += 1
+            continue
+        row = copy.copy(args)
+        row.prompt = job.get("prompt", "")
+        row.negative_prompt = job.get("negative_prompt") or args.negative_prompt
+        try:
+            row.seed = int(job["seed"]) if job.get("seed") else args.seed
+            video = Path(job["video"])
+            video = video if video.is_absolute() else base / video
+            if not video.exists():
+                raise UsageError(f"video {video} does not exist")
+            tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
+            _run_one(engine, video, tmp, row)
+            tmp.replace(out)
+            done += 1
+            print(f"row {i}: wrote {out}")
+        except (UsageError, ValueError, *_generation_errors()) as err:
+            failed += 1
+            print(f"row {i}: failed, skipped: {err}", file=sys.stderr)
+    print(f"{done} generated, {skipped} already done, {failed} failed, of {len(jobs)} rows")
+    return EXIT_OK if failed == 0 else 1
+
+
 # ---------------------------------------------------------------------------------------- main
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # The CLI prints a result's warnings itself; keep the library logger from repeating them.
+    logging.getLogger("foleyserve").setLevel(logging.ERROR)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

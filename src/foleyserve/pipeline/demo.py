@@ -1,0 +1,112 @@
+"""The demo model: every network of the real pipeline at toy width, with seeded random weights.
+
+It exercises the whole path (decode, both visual encoders, CLAP with a real byte-level BPE
+tokenizer, the MMDiT sampler, the DAC decoder, muxing) in seconds on any CPU and downloads
+nothing. Its audio is noise; every result it produces says so.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+
+from foleyserve.models.dit import build_dit, tiny_config
+from transformers import AutoTokenizer
+
+from foleyserve.models.encoders import build_clap_text, build_siglip_vision
+from foleyserve.models.synchformer import build_synchformer_visual
+from foleyserve.models.vae import build_dac
+
+FEATURE_DIM = 32  # width of the toy encoders, and so of the DiT's conditioning inputs
+
+DEMO_DAC = {
+    "encoder_dim": 4,
+    "encoder_rates": [2, 3, 4, 5, 8],
+    "latent_dim": 128,
+    "decoder_dim": 32,
+    "decoder_rates": [8, 5, 4, 3, 2],
+    "sample_rate": 48000,
+    "continuous": True,
+}
+
+_CORPUS = [
+    "footsteps on gravel", "rain on a tin roof", "a ball bouncing on a wooden floor", "glass breaking",
+    "a door creaks open", "birds chirping in the forest", "a car engine starts", "waves crashing on rocks",
+    "noisy, harsh", "wind howling", "a dog barks twice", "typing on a keyboard", "crowd cheering loudly",
+]
+
+
+def demo_dit_config() -> dict:
+    return {**tiny_config(), "hidden_size": 64, "num_heads": 2, "clip_dim": FEATURE_DIM, "sync_feat_dim": FEATURE_DIM, "condition_dim": FEATURE_DIM}
+
+
+def randomize_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Seeded weights that keep activations O(1): the scheme the conformance fixtures use."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            if leaf in ("weight_g", "alpha") or (leaf == "weight" and p.ndim == 1):
+                p.copy_(1 + 0.1 * noise)
+            elif leaf == "bias":
+                p.copy_(0.05 * noise)
+            elif p.ndim >= 2 and leaf in ("weight", "weight_v"):
+                p.copy_(noise / (p[0].numel() ** 0.5))
+            else:
+                p.copy_(0.5 * noise)
+    return module
+
+
+def demo_tokenizer():
+    """A small RoBERTa-style byte-level BPE, trained deterministically on a fixed corpus."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _CORPUS * 4, vocab_size=400, min_frequency=1, show_progress=False,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        (Path(tmp) / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "RobertaTokenizer", "model_max_length": 128})
+        )
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def demo_components(device: torch.device, seed: int = 0):
+    from foleyserve.pipeline.pipeline import Components
+
+    gen = torch.Generator().manual_seed(seed)
+    tokenizer = demo_tokenizer()
+    dit = build_dit(demo_dit_config(), seed=seed)
+    dac = randomize_(build_dac(DEMO_DAC), gen)
+    # Residual units' last convs scaled down so the toy decoder does not saturate its tanh.
+    with torch.no_grad():
+        for name, p in dac.named_parameters():
+            if name.endswith("block.3.weight_g"):
+                p.mul_(0.25)
+    synch = randomize_(build_synchformer_visual(embed_dim=FEATURE_DIM, num_heads=2, depth=1), gen)
+    tiny = dict(hidden_size=FEATURE_DIM, intermediate_size=2 * FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2)
+    siglip = build_siglip_vision(seed=seed, **tiny)
+    clap = build_clap_text(seed=seed + 1, vocab_size=len(tokenizer), max_position_embeddings=130, **tiny)
+    return Components(
+        dit=dit.to(device).eval(),
+        dac=dac.to(device).eval(),
+        synchformer=synch.to(device).eval(),
+        siglip=siglip.to(device),
+        clap=clap.to(device),
+        tokenizer=tokenizer,
+        name="demo (random weights)",
+        device=device,
+        is_demo=True,
+    )
+
+
+def sample_clip_path() -> Path:
+    """The bundled synthetic sample clip (made by scripts/make_sample_clip.py)."""
+    from importlib.resources import files
+
+    return Path(str(files("foleyserve") / "assets" / "sample.mp4"))

@@ -1,0 +1,144 @@
+"""Find and load the official model folder.
+
+Layout of ``tencent/HunyuanVideo-Foley`` as downloaded from Hugging Face::
+
+    hunyuanvideo_foley.pth        XXL denoiser (or hunyuanvideo_foley_xl.pth for XL)
+    vae_128d_48k.pth              DAC-VAE
+    synchformer_state_dict.pth    Synchformer
+
+Each may also be the ``.safetensors`` that ``foleyserve convert`` writes next to it (preferred: it
+memory-maps). SigLIP2 (``google/siglip2-base-patch16-512``) and CLAP (``laion/larger_clap_general``)
+come from their own Hugging Face repositories; they are looked up inside the model folder, at an
+explicit path, or in the local Hugging Face cache — never on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from foleyserve.models.dit import build_dit, xl_config, xxl_config
+from foleyserve.models.encoders import load_clap_text, load_siglip_vision
+from foleyserve.models.loading import load_into, read_checkpoint
+from foleyserve.models.synchformer import build_synchformer_visual, split_synchformer_state_dict
+from foleyserve.models.vae import dac_from_checkpoint
+
+log = logging.getLogger("foleyserve")
+
+DIT_FILES = {"xxl": "hunyuanvideo_foley", "xl": "hunyuanvideo_foley_xl"}
+DIT_CONFIGS = {"xxl": xxl_config, "xl": xl_config}
+VAE_FILE = "vae_128d_48k"
+SYNCHFORMER_FILE = "synchformer_state_dict"
+SIGLIP_REPO = "google/siglip2-base-patch16-512"
+CLAP_REPO = "laion/larger_clap_general"
+HOW_TO_GET = (
+    "download the official weights with `huggingface-cli download tencent/HunyuanVideo-Foley --local-dir MODEL_DIR` "
+    "on a machine with internet access (see README, 'Run the real model')"
+)
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model file is missing or unusable; the message names it and says how to get it."""
+
+
+def _weights_file(model_dir: Path, stem: str) -> Path:
+    for suffix in (".safetensors", ".pth"):
+        p = model_dir / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    raise ModelFolderError(f"{model_dir / (stem + '.pth')} not found: {HOW_TO_GET}")
+
+
+def _hf_cache_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("HF_HUB_CACHE"):
+        roots.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        roots.append(Path(os.environ["HF_HOME"]) / "hub")
+    roots.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return roots
+
+
+def find_hf_model(repo_id: str, model_dir: Path | None, explicit: str | Path | None) -> Path:
+    """A local folder holding ``repo_id``'s config and weights, without touching the network."""
+    if explicit is not None:
+        p = Path(explicit)
+        if not (p / "config.json").is_file():
+            raise ModelFolderError(f"{p} has no config.json: give the folder that holds {repo_id}'s files")
+        return p
+    name = repo_id.split("/")[1]
+    candidates: list[Path] = []
+    if model_dir is not None:
+        candidates += [model_dir / name, model_dir / repo_id.replace("/", "--"), model_dir / repo_id]
+    for root in _hf_cache_roots():
+        snap_root = root / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+        ref = root / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+        if ref.is_file():
+            candidates.append(snap_root / ref.read_text().strip())
+        if snap_root.is_dir():
+            candidates += sorted(snap_root.iterdir())
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise ModelFolderError(
+        f"{repo_id} not found (looked in {model_dir / name if model_dir else 'no model folder'} and the Hugging Face cache): "
+        f"download it with `huggingface-cli download {repo_id} --local-dir {model_dir / name if model_dir else 'DIR'}`"
+    )
+
+
+def load_components(
+    model_dir: str | Path,
+    *,
+    model: str = "xxl",
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device = torch.device("cpu"),
+    siglip_dir: str | Path | None = None,
+    clap_dir: str | Path | None = None,
+):
+    """Load every network of the official release into ``device``; the DiT in ``dtype``."""
+    from foleyserve.pipeline.pipeline import Components
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder {root} does not exist: {HOW_TO_GET}")
+    if model not in DIT_FILES:
+        raise ModelFolderError(f"unknown model {model!r}: choose xxl or xl")
+    # Resolve every file first so a missing one is reported before minutes of loading.
+    dit_path = _weights_file(root, DIT_FILES[model])
+    vae_path = _weights_file(root, VAE_FILE)
+    sync_path = _weights_file(root, SYNCHFORMER_FILE)
+    siglip_path = find_hf_model(SIGLIP_REPO, root, siglip_dir)
+    clap_path = find_hf_model(CLAP_REPO, root, clap_dir)
+
+    dit = build_dit(DIT_CONFIGS[model](), dtype=dtype, device="meta")
+    sd, _ = read_checkpoint(dit_path)
+    load_into(dit, sd, strict=True, dtype=dtype, device=device)
+    del sd
+
+    sd, meta = read_checkpoint(vae_path)
+    dac = dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": meta["config"]}}).to(device).eval()
+    del sd
+
+    sd, _ = read_checkpoint(sync_path)
+    visual, ignored = split_synchformer_state_dict(sd)
+    log.info("synchformer: %d audio-branch / sync-head tensors not needed for Foley, skipped", len(ignored))
+    synchformer = build_synchformer_visual()
+    synchformer.load_state_dict(visual, strict=True)
+    synchformer = synchformer.to(device).eval()
+    del sd, visual
+
+    siglip = load_siglip_vision(siglip_path, device=device)
+    tokenizer, clap = load_clap_text(clap_path, device=device)
+    return Components(
+        dit=dit.eval(),
+        dac=dac,
+        synchformer=synchformer,
+        siglip=siglip,
+        clap=clap,
+        tokenizer=tokenizer,
+        name=f"hunyuanvideo-foley-{model}",
+        device=device,
+    )

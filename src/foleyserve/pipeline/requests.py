@@ -1,0 +1,70 @@
+"""What a caller asks for and what it gets back: the engine's public data types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_NEGATIVE_PROMPT = "noisy, harsh"
+OUTPUT_FORMATS = ("wav", "flac", "mp4")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as given; the message says what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    video: str | Path | bytes
+    prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    steps: int = 50
+    guidance: float = 4.5
+    seed: int = 0
+    # Where to write the result; the suffix picks the format (.wav, .flac or .mp4). None: nothing written.
+    output: str | Path | None = None
+    # Mix the source video's own sound under the Foley at this linear gain (mp4 output only).
+    keep_original_audio_gain: float | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.video, (str, Path)):
+            if not str(self.video):
+                raise RequestError("no video given: pass a video file path or its bytes")
+        elif not isinstance(self.video, (bytes, bytearray)) or not self.video:
+            raise RequestError("video must be a file path or non-empty bytes")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise RequestError("prompt and negative_prompt must be strings")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise RequestError(f"steps must be an integer from 1 to 1000, got {self.steps!r}")
+        if not 0.0 <= float(self.guidance) <= 100.0:
+            raise RequestError(f"guidance must be between 0 and 100, got {self.guidance!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
+        if self.output is not None:
+            suffix = Path(self.output).suffix.lower().lstrip(".")
+            if suffix not in OUTPUT_FORMATS:
+                raise RequestError(
+                    f"output {str(self.output)!r} has an unknown format; end it in .wav, .flac or .mp4"
+                )
+        if self.keep_original_audio_gain is not None:
+            if self.output is None or Path(self.output).suffix.lower() != ".mp4":
+                raise RequestError("keep_original_audio_gain applies to .mp4 output only")
+            if not 0.0 <= self.keep_original_audio_gain <= 4.0:
+                raise RequestError("keep_original_audio_gain must be between 0 and 4")
+
+
+@dataclass
+class GenerationResult:
+    waveform: torch.Tensor  # [1, T] float32 mono, in [-1, 1]
+    sample_rate: int
+    audio_seconds: float
+    video_seconds: float
+    seed: int
+    timings: dict[str, float]  # stage -> wall seconds
+    memory: dict[str, dict[str, Any]]  # stage -> host/device peak bytes
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model: str = ""
