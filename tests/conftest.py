@@ -1,9 +1,12 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Test this checkout's code even when another checkout holds the editable install.
+sys.path.insert(0, str(REPO / "src"))
 
 
 def shared_dir() -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,12 +47,21 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 @torch.no_grad()
-def siglip_features(model: torch.nn.Module, frames: np.ndarray, *, device: torch.device, chunk: int = 16) -> torch.Tensor:
+def siglip_features(
+    model: torch.nn.Module,
+    frames: np.ndarray,
+    *,
+    device: torch.device,
+    chunk: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """[T, H, W, 3] uint8 frames at 8 fps -> [1, T, D] pooled SigLIP2 features (fp32)."""
     out = []
     for start in range(0, len(frames), chunk):
         pixels = media.siglip_pixels(frames[start : start + chunk]).to(device)
         out.append(encode_frames_siglip(model, pixels, batch_size=chunk).float())
+        if progress is not None:
+            progress(min(start + chunk, len(frames)), len(frames))
     return torch.cat(out, 0).unsqueeze(0)
 
 

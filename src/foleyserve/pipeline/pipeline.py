@@ -117,17 +117,27 @@ class Engine:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def extract_visual(self, video: str | Path | bytes, timer: StageTimer | None = None) -> tuple[VisualFeatures, media.DecodedVideo]:
+    def extract_visual(
+        self, video: str | Path | bytes, timer: StageTimer | None = None, progress: ProgressFn | None = None
+    ) -> tuple[VisualFeatures, media.DecodedVideo]:
         timer = timer or StageTimer(self.device)
+        report = progress or (lambda _stage, _done, _total: None)
         c = self.components
         with timer.stage("decode"):
+            report("decode", 0, 1)
             decoded = media.decode_frames(video, fps_list=(8, 25), max_seconds=MAX_SECONDS)
             media.check_min_frames(decoded.frames[25])
+            report("decode", 1, 1)
         with timer.stage("siglip2"):
-            sig = siglip_features(c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk)
+            sig = siglip_features(
+                c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk,
+                progress=lambda done, total: report("siglip2", done, total),
+            )
         with timer.stage("synchformer"):
+            report("synchformer", 0, 1)
             autocast = torch.float16 if self.precision != "fp32" else None
             syn = sync_features(c.synchformer, decoded.frames[25], device=self.device, chunk=self.sync_chunk, autocast_dtype=autocast)
+            report("synchformer", 1, 1)
         return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25])), decoded
 
     def extract_text(self, prompt: str, negative_prompt: str, timer: StageTimer | None = None) -> TextFeatures:
@@ -170,7 +180,7 @@ class Engine:
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
         request.validate()
         timer = StageTimer(self.device)
-        visual, decoded = self.extract_visual(request.video, timer)
+        visual, decoded = self.extract_visual(request.video, timer, progress)
         text = self.extract_text(request.prompt, request.negative_prompt, timer)
         with timer.stage("dit"):
             latents = self.sample(visual, text, seeds=[request.seed], steps=request.steps, guidance=request.guidance, progress=progress)
