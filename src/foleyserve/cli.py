@@ -183,13 +183,16 @@ class _Progress:
 
     def __init__(self) -> None:
         self.bar = None
+        self.stage: str | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        if self.bar is None or self.bar.desc != stage:
+        # Track the stage here: a disabled bar (stderr not a terminal) has no ``desc`` attribute.
+        if self.bar is None or self.stage != stage:
             self.close()
             self.bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False, disable=None)
+            self.stage = stage
         self.bar.n = done
         self.bar.refresh()
         if done >= total:
@@ -199,6 +202,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            self.stage = None
 
 
 def _summary(result) -> str:
@@ -239,7 +243,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.video is None:
         raise UsageError("no input: pass a VIDEO file, or --csv jobs.csv --out-dir DIR")
     if not args.video.exists():
-        raise UsageError(f"video {args.video} does not exist")
+        raise UsageError(f"video {args.video} does not exist; check the path")
     out = args.out or args.video.with_name(args.video.stem + "_foley.mp4")
     if out.suffix.lower() not in (".wav", ".flac", ".mp4"):
         raise UsageError(f"output {out} must end in .wav, .flac or .mp4")
@@ -259,7 +263,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     video = args.video or sample_clip_path()
     if not video.exists():
-        raise UsageError(f"video {video} does not exist")
+        raise UsageError(f"video {video} does not exist; check the path")
     _check_writable(args.out)
     print("foleyserve demo: tiny random-weight model, the audio is NOISE; use `generate --model-dir` for real Foley", file=sys.stderr)
     try:
@@ -275,14 +279,23 @@ def _read_jobs(path: Path) -> list[dict[str, str]]:
     import csv
 
     if not path.is_file():
-        raise UsageError(f"jobs file {path} does not exist")
+        raise UsageError(f"jobs file {path} does not exist; check the --csv path")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             cols = [c.strip() for c in (reader.fieldnames or [])]
             if "video" not in cols or "prompt" not in cols:
                 raise UsageError(f"{path} needs a header with columns video,prompt[,negative_prompt,seed]; found {cols}")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files surplus fields under the key None
+                    raise UsageError(
+                        f"{path} line {reader.line_num} has more fields than the header ({len(cols)}); "
+                        f"put a prompt that contains commas in double quotes"
+                    )
+                rows.append({k.strip(): (v or "").strip() for k, v in row.items()})
+            return rows
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not a UTF-8 text CSV file") from None
 
@@ -309,11 +322,14 @@ def _run_csv(args: argparse.Namespace) -> int:
         row.prompt = job.get("prompt", "")
         row.negative_prompt = job.get("negative_prompt") or args.negative_prompt
         try:
-            row.seed = int(job["seed"]) if job.get("seed") else args.seed
+            try:
+                row.seed = int(job["seed"]) if job.get("seed") else args.seed
+            except ValueError:
+                raise UsageError(f"seed {job['seed']!r} is not an integer; fix the 'seed' column or leave it empty") from None
             video = Path(job["video"])
             video = video if video.is_absolute() else base / video
             if not video.exists():
-                raise UsageError(f"video {video} does not exist")
+                raise UsageError(f"video {video} does not exist; check the path in the 'video' column")
             tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
             _run_one(engine, video, tmp, row)
             tmp.replace(out)

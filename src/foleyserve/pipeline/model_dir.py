@@ -22,7 +22,7 @@ import torch
 
 from foleyserve.models.dit import build_dit, xl_config, xxl_config
 from foleyserve.models.encoders import load_clap_text, load_siglip_vision
-from foleyserve.models.loading import load_into, read_checkpoint
+from foleyserve.models.loading import CheckpointError, load_into, read_checkpoint
 from foleyserve.models.synchformer import build_synchformer_visual, split_synchformer_state_dict
 from foleyserve.models.vae import dac_from_checkpoint
 
@@ -44,12 +44,44 @@ class ModelFolderError(FileNotFoundError):
     """A model file is missing or unusable; the message names it and says how to get it."""
 
 
-def _weights_file(model_dir: Path, stem: str) -> Path:
+def _weights_file(model_dir: Path, stem: str) -> Path | None:
     for suffix in (".safetensors", ".pth"):
         p = model_dir / f"{stem}{suffix}"
         if p.is_file():
             return p
-    raise ModelFolderError(f"{model_dir / (stem + '.pth')} not found: {HOW_TO_GET}")
+    return None
+
+
+def _weights_files(model_dir: Path, stems: list[str]) -> list[Path]:
+    """The file of each stem; one error that names every missing file."""
+    found = [_weights_file(model_dir, stem) for stem in stems]
+    missing = [str(model_dir / f"{stem}.pth") for stem, p in zip(stems, found) if p is None]
+    if missing:
+        raise ModelFolderError(f"{', '.join(missing)} not found: {HOW_TO_GET}")
+    return found  # type: ignore[return-value]
+
+
+def _read_weights(path: Path):
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise ModelFolderError(
+            f"{e}; the file is damaged or not the official one: delete it and {HOW_TO_GET}"
+        ) from None
+
+
+def _load_hf(load, path: Path, repo_id: str):
+    try:
+        return load()
+    except ModelFolderError:
+        raise
+    except (OSError, ValueError, CheckpointError) as e:
+        # A partial download (config.json but no weights), damaged files, a different model.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(
+            f"cannot load {repo_id} from {path} ({first}); download it again with "
+            f"`huggingface-cli download {repo_id} --local-dir {path}`"
+        ) from None
 
 
 def _hf_cache_roots() -> list[Path]:
@@ -102,27 +134,32 @@ def load_components(
     from foleyserve.pipeline.pipeline import Components
 
     root = Path(model_dir)
+    if root.exists() and not root.is_dir():
+        raise ModelFolderError(f"model folder {root} is a file, not a folder: pass the folder that holds the weights, or {HOW_TO_GET}")
     if not root.is_dir():
         raise ModelFolderError(f"model folder {root} does not exist: {HOW_TO_GET}")
     if model not in DIT_FILES:
         raise ModelFolderError(f"unknown model {model!r}: choose xxl or xl")
     # Resolve every file first so a missing one is reported before minutes of loading.
-    dit_path = _weights_file(root, DIT_FILES[model])
-    vae_path = _weights_file(root, VAE_FILE)
-    sync_path = _weights_file(root, SYNCHFORMER_FILE)
+    dit_path, vae_path, sync_path = _weights_files(root, [DIT_FILES[model], VAE_FILE, SYNCHFORMER_FILE])
     siglip_path = find_hf_model(SIGLIP_REPO, root, siglip_dir)
     clap_path = find_hf_model(CLAP_REPO, root, clap_dir)
 
     dit = build_dit(DIT_CONFIGS[model](), dtype=dtype, device="meta")
-    sd, _ = read_checkpoint(dit_path)
+    sd, _ = _read_weights(dit_path)
     load_into(dit, sd, strict=True, dtype=dtype, device=device)
     del sd
 
-    sd, meta = read_checkpoint(vae_path)
+    sd, meta = _read_weights(vae_path)
+    if "config" not in meta:
+        raise ModelFolderError(
+            f"{vae_path} holds no DAC settings (metadata.kwargs), so it is not the official {VAE_FILE}.pth: "
+            f"delete it and {HOW_TO_GET}"
+        )
     dac = dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": meta["config"]}}).to(device).eval()
     del sd
 
-    sd, _ = read_checkpoint(sync_path)
+    sd, _ = _read_weights(sync_path)
     visual, ignored = split_synchformer_state_dict(sd)
     log.info("synchformer: %d audio-branch / sync-head tensors not needed for Foley, skipped", len(ignored))
     synchformer = build_synchformer_visual()
@@ -130,8 +167,8 @@ def load_components(
     synchformer = synchformer.to(device).eval()
     del sd, visual
 
-    siglip = load_siglip_vision(siglip_path, device=device)
-    tokenizer, clap = load_clap_text(clap_path, device=device)
+    siglip = _load_hf(lambda: load_siglip_vision(siglip_path, device=device), siglip_path, SIGLIP_REPO)
+    tokenizer, clap = _load_hf(lambda: load_clap_text(clap_path, device=device), clap_path, CLAP_REPO)
     return Components(
         dit=dit.eval(),
         dac=dac,
