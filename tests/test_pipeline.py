@@ -154,3 +154,14 @@ def test_engine_with_fixture_weights_matches_official_sampling(fixtures_dir, dem
     assert rel_l2(latents, run["final_latents"]) <= 1e-5
     audio = engine.decode_audio(latents)
     assert rel_l2(audio, run["audio"]) <= 1e-5
+
+
+def test_top_level_api_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, foleyserve; assert 'torch' not in sys.modules; from foleyserve import Engine, GenerationRequest; print(Engine.__name__)"
+    env = {"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Engine"

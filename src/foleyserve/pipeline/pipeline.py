@@ -222,10 +222,8 @@ class Engine:
             out = Path(request.output)
             with timer.stage("write"):
                 if out.suffix.lower() == ".mp4":
-                    if isinstance(request.video, (bytes, bytearray)):
-                        media.mux(request.video, audio, self.sample_rate, out, keep_original_audio_gain=request.keep_original_audio_gain)
-                    else:
-                        media.mux(Path(request.video), audio, self.sample_rate, out, keep_original_audio_gain=request.keep_original_audio_gain)
+                    source = request.video if isinstance(request.video, (bytes, bytearray)) else Path(request.video)
+                    media.mux(source, audio, self.sample_rate, out, keep_original_audio_gain=request.keep_original_audio_gain)
                 else:
                     media.write_audio(out, audio, self.sample_rate)
             files.append(out)
