@@ -178,3 +178,15 @@ def test_build_is_seeded(tiny_weights):
     pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not torch.equal(pa["triple_blocks.0.audio_mod.linear.weight"], pc["triple_blocks.0.audio_mod.linear.weight"])
+
+
+def test_explicit_visual_gather_matches_identity_shortcut(fixtures_dir, tiny_model):
+    d = load_file(str(fixtures_dir / "fwd_4s.safetensors"))
+    with torch.no_grad():
+        cond = tiny_model.prepare_conditions(
+            clip_feat=d["clip_feat"], sync_feat=d["sync_feat"], cond=d["cond"], audio_len=d["x"].shape[-1]
+        )
+        assert cond.visual_gather is None  # the round trip is the identity at these lengths
+        fast = tiny_model.predict_flow(d["x"], d["t"], cond)
+        cond.visual_gather = torch.arange(d["clip_feat"].shape[1])
+        assert torch.equal(tiny_model.predict_flow(d["x"], d["t"], cond), fast)

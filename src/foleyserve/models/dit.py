@@ -177,7 +177,7 @@ class DiTConditions:
     text_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per triple block: K (normed, rotated), V [B, Lt, H, Dh]
     rope_audio_self: tuple[torch.Tensor, torch.Tensor]  # audio rows of the interleaved table (positions 2i)
     rope_visual_self: tuple[torch.Tensor, torch.Tensor]  # visual rows (positions 2*m(j)+1)
-    visual_gather: torch.Tensor  # [Lv] which visual token lands at each visual row after the round trip
+    visual_gather: torch.Tensor | None  # [Lv] visual token landing in each row after the round trip; None = identity
     rope_audio: tuple[torch.Tensor, torch.Tensor]  # positions 0..La-1 (cross-attention and single blocks)
     rope_visual: tuple[torch.Tensor, torch.Tensor]  # positions 0..Lv-1 (cross-attention)
 
@@ -275,14 +275,14 @@ class TripleStreamBlock(nn.Module):
         rope_v = _rope_bcast(c.rope_visual_self)
         a_q, a_k = apply_rope(a_q, *rope_a), apply_rope(a_k, *rope_a)
         g = c.visual_gather
-        v_k = apply_rope(v_k[:, g], *rope_v)
+        v_k = apply_rope(v_k if g is None else v_k[:, g], *rope_v)
         keys, values = torch.cat((v_k, a_k), 1), torch.cat((v_v, a_v), 1)
         if last:
             # The model discards the last block's visual outputs, so only audio queries are needed;
             # attention rows are independent, so this changes no audio number.
             audio = audio + self.audio_self_proj(_sdpa(a_q, keys, values)) * a_mod[2]
         else:
-            v_q = apply_rope(v_q[:, g], *rope_v)
+            v_q = apply_rope(v_q if g is None else v_q[:, g], *rope_v)
             attn = _sdpa(torch.cat((v_q, a_q), 1), keys, values)
             audio = audio + self.audio_self_proj(attn[:, n_vis:]) * a_mod[2]
             visual = visual + self.v_cond_self_proj(attn[:, :n_vis]) * v_mod[2]
@@ -412,7 +412,8 @@ class FoleyDiT(nn.Module):
             text_kv=[blk.text_kv(text, rope_text) for blk in self.triple_blocks],
             rope_audio_self=tuple(t.to(dev) for t in rope_tables(2 * pos_audio, hd)),
             rope_visual_self=tuple(t.to(dev) for t in rope_tables(2 * down.float() + 1, hd)),
-            visual_gather=up[down].to(dev),
+            # The gather is the identity for every length pair seen so far; skip its per-step copy then.
+            visual_gather=None if torch.equal(up[down], torch.arange(n_vis)) else up[down].to(dev),
             rope_audio=tuple(t.to(dev) for t in rope_tables(pos_audio, hd)),
             rope_visual=tuple(t.to(dev) for t in rope_tables(torch.arange(n_vis, dtype=torch.float32), hd)),
         )
@@ -457,7 +458,7 @@ def init_dit_weights(model: FoleyDiT, generator: torch.Generator | None = None, 
     modulation and output layers, which would make an untrained model output exactly zero)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("_norm.weight"):
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif p.ndim >= 2 and "sync_pos_emb" not in name:
                 fan_in = p[0].numel()

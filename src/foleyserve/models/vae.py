@@ -104,6 +104,17 @@ class _WNConvBase(nn.Module):
     def weight(self) -> torch.Tensor:
         return _weight_norm(self.weight_v, self.weight_g)
 
+    def _plain(self) -> nn.Module:
+        raise NotImplementedError
+
+    def folded(self) -> nn.Module:
+        """The equivalent plain conv with the weight norm computed once."""
+        # Built on meta so the throwaway default init costs nothing, then given the real tensors.
+        conv = self._plain()
+        conv.weight = nn.Parameter(self.weight().detach(), requires_grad=self.weight_v.requires_grad)
+        conv.bias = self.bias
+        return conv
+
 
 class WNConv1d(_WNConvBase):
     def __init__(
@@ -122,15 +133,11 @@ class WNConv1d(_WNConvBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv1d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation)
 
-    def folded(self) -> nn.Conv1d:
-        # Built on meta so the throwaway default init costs nothing, then given the real tensors.
-        conv = nn.Conv1d(
+    def _plain(self) -> nn.Conv1d:
+        return nn.Conv1d(
             self.in_channels, self.out_channels, self.kernel_size,
             stride=self.stride, padding=self.padding, dilation=self.dilation, device="meta",
         )
-        conv.weight = nn.Parameter(self.weight().detach(), requires_grad=self.weight_v.requires_grad)
-        conv.bias = self.bias
-        return conv
 
     def extra_repr(self) -> str:
         return (
@@ -160,14 +167,11 @@ class WNConvTranspose1d(_WNConvBase):
             x, self.weight(), self.bias, self.stride, self.padding, self.output_padding
         )
 
-    def folded(self) -> nn.ConvTranspose1d:
-        conv = nn.ConvTranspose1d(
+    def _plain(self) -> nn.ConvTranspose1d:
+        return nn.ConvTranspose1d(
             self.in_channels, self.out_channels, self.kernel_size,
             stride=self.stride, padding=self.padding, output_padding=self.output_padding, device="meta",
         )
-        conv.weight = nn.Parameter(self.weight().detach(), requires_grad=self.weight_v.requires_grad)
-        conv.bias = self.bias
-        return conv
 
     def extra_repr(self) -> str:
         return (
