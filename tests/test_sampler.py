@@ -116,9 +116,9 @@ def test_no_guidance_runs_only_the_conditional_rows(run, dit):
     calls = []
     original = dit.predict_flow
 
-    def spy(x, t, c):
+    def spy(x, t, c, *rest):
         calls.append(x.shape[0])
-        return original(x, t, c)
+        return original(x, t, c, *rest)
 
     dit.predict_flow = spy
     try:

@@ -13,7 +13,7 @@ the two and reproduces the official ``forward(...)["x"]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.nn as nn
@@ -180,6 +180,14 @@ class DiTConditions:
     visual_gather: torch.Tensor | None  # [Lv] visual token landing in each row after the round trip; None = identity
     rope_audio: tuple[torch.Tensor, torch.Tensor]  # positions 0..La-1 (cross-attention and single blocks)
     rope_visual: tuple[torch.Tensor, torch.Tensor]  # positions 0..Lv-1 (cross-attention)
+    # The single blocks' per-token modulation input is sync_in(sync) stretched to La by nearest-exact.
+    # A per-token map commutes with that gather, so the modulation runs on the Ls distinct sync rows
+    # and is gathered afterwards (Ls is about half of La).
+    sync_tokens: torch.Tensor | None = None  # [B, Ls, d] sync_in(sync_feat) before stretching
+    sync_index: torch.Tensor | None = None  # [La] sync token feeding each audio row
+    # Rows batched from requests with different prompt lengths pad the text; True = a real token.
+    # None when every row has the full length (the official, mask-free case).
+    text_mask: torch.Tensor | None = None  # [B, 1, 1, Lt] bool
 
     @property
     def audio_len(self) -> int:
@@ -189,10 +197,27 @@ class DiTConditions:
     def batch_size(self) -> int:
         return self.add_sync.shape[0]
 
+    def select(self, rows: torch.Tensor) -> "DiTConditions":
+        """The conditions of a subset of batch rows (``rows``: long indices)."""
+        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return DiTConditions(
+            visual=pick(self.visual),
+            add_sync=pick(self.add_sync),
+            text_kv=[(pick(k), pick(v)) for k, v in self.text_kv],
+            rope_audio_self=self.rope_audio_self,
+            rope_visual_self=self.rope_visual_self,
+            visual_gather=self.visual_gather,
+            rope_audio=self.rope_audio,
+            rope_visual=self.rope_visual,
+            sync_tokens=pick(self.sync_tokens),
+            sync_index=self.sync_index,
+            text_mask=pick(self.text_mask),
+        )
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over token-major ``[B, L, H, Dh]`` tensors, returning ``[B, Lq, H*Dh]``."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     b, _, lq, _ = out.shape
     return out.transpose(1, 2).reshape(b, lq, -1)
 
@@ -208,6 +233,16 @@ def _ln(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _rope_bcast(table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert the head axis so a ``[L, Dh]`` table broadcasts over token-major ``[B, L, H, Dh]``."""
     return table[0][:, None, :], table[1][:, None, :]
+
+
+class StepCacheLike(Protocol):
+    """What :meth:`FoleyDiT.predict_flow` asks of a step cache (see ``pipeline/stepcache.py``)."""
+
+    residual: torch.Tensor | None
+
+    def rows_to_compute(self, first_block_out: torch.Tensor) -> torch.Tensor | None: ...
+
+    def store(self, first_block_out: torch.Tensor, hidden: torch.Tensor) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +327,11 @@ class TripleStreamBlock(nn.Module):
         a_q = self.audio_cross_q_norm(self._heads(self.audio_cross_q(_modulate(_ln(audio, 1e-6), a_mod[3], a_mod[4])), 1)[0])
         a_q = apply_rope(a_q, *_rope_bcast(c.rope_audio))
         if last:
-            audio = audio + self.audio_cross_proj(_sdpa(a_q, t_k, t_v)) * a_mod[5]
+            audio = audio + self.audio_cross_proj(_sdpa(a_q, t_k, t_v, c.text_mask)) * a_mod[5]
         else:
             v_q = self.v_cond_cross_q_norm(self._heads(self.v_cond_cross_q(_modulate(_ln(visual, 1e-6), v_mod[3], v_mod[4])), 1)[0])
             v_q = apply_rope(v_q, *_rope_bcast(c.rope_visual))
-            cross = _sdpa(torch.cat((v_q, a_q), 1), t_k, t_v)
+            cross = _sdpa(torch.cat((v_q, a_q), 1), t_k, t_v, c.text_mask)
             audio = audio + self.audio_cross_proj(cross[:, n_vis:]) * a_mod[5]
             visual = visual + self.v_cond_cross_proj(cross[:, :n_vis]) * v_mod[5]
 
@@ -322,8 +357,18 @@ class SingleStreamBlock(nn.Module):
         self.q_norm = nn.RMSNorm(hd)
         self.k_norm = nn.RMSNorm(hd)
 
-    def forward(self, x: torch.Tensor, mod_in: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(mod_in).chunk(6, dim=-1)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mod_in: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mod_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mod_in`` is per token; with ``mod_index`` it holds distinct rows, gathered after the linear."""
+        mod = self.modulation(mod_in)
+        if mod_index is not None:
+            mod = mod[:, mod_index]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         b, n, d = x.shape
         # Official layout differs from the triple blocks: (heads, head_dim, qkv) with qkv innermost.
         qkv = self.linear_qkv(_modulate(_ln(x, 1e-5), shift_a, scale_a)).view(b, n, self.num_heads, -1, 3)
@@ -382,25 +427,48 @@ class FoleyDiT(nn.Module):
             self.empty_sync_feat.unsqueeze(0).expand(batch, sync_len, -1),
         )
 
-    def embed_sync(self, sync_feat: torch.Tensor, audio_len: int) -> torch.Tensor:
-        """Synchformer tokens -> model width, stretched to the latent length with nearest-exact."""
+    def sync_tokens(self, sync_feat: torch.Tensor) -> torch.Tensor:
+        """Synchformer tokens -> model width (``sync_in``), before stretching to the latent length."""
         b, n, ch = sync_feat.shape
         if n % 8:
             raise ValueError(f"sync_feat has {n} tokens; Synchformer gives 8 per segment, so it must be a multiple of 8")
         x = (sync_feat.view(b, n // 8, 8, ch) + self.sync_pos_emb).view(b, n, ch)
-        x = self.sync_in(x)
+        return self.sync_in(x)
+
+    def embed_sync(self, sync_feat: torch.Tensor, audio_len: int) -> torch.Tensor:
+        """Synchformer tokens -> model width, stretched to the latent length with nearest-exact."""
+        x = self.sync_tokens(sync_feat)
         return F.interpolate(x.transpose(1, 2), size=audio_len, mode="nearest-exact").transpose(1, 2)
 
     def prepare_conditions(
-        self, *, clip_feat: torch.Tensor, sync_feat: torch.Tensor, cond: torch.Tensor, audio_len: int
+        self,
+        *,
+        clip_feat: torch.Tensor,
+        sync_feat: torch.Tensor,
+        cond: torch.Tensor,
+        audio_len: int,
+        text_lengths: list[int] | None = None,
     ) -> DiTConditions:
-        """Step-invariant work of one forward: embeddings, text K/V of every block, RoPE tables."""
+        """Step-invariant work of one forward: embeddings, text K/V of every block, RoPE tables.
+
+        ``text_lengths`` (one per row) marks how many leading tokens of ``cond`` are real when rows
+        of different prompt lengths share a batch; padded keys are masked out of cross-attention,
+        which leaves each row's numbers those of its own unpadded run.
+        """
         dev = self.device
         hd = self.config.hidden_size // self.num_heads
         n_vis, n_text = clip_feat.shape[1], cond.shape[1]
         text = self.cond_in(cond)
         visual = self.visual_proj(clip_feat)
-        add_sync = self.embed_sync(sync_feat, audio_len)
+        sync_tokens = self.sync_tokens(sync_feat)
+        sync_index = nearest_exact_index(sync_tokens.shape[1], audio_len).to(dev)
+        add_sync = sync_tokens[:, sync_index]
+        text_mask = None
+        if text_lengths is not None and any(n != n_text for n in text_lengths):
+            if len(text_lengths) != cond.shape[0]:
+                raise ValueError(f"text_lengths has {len(text_lengths)} entries for {cond.shape[0]} rows")
+            lengths = torch.tensor(text_lengths, device=dev)
+            text_mask = (torch.arange(n_text, device=dev)[None] < lengths[:, None])[:, None, None, :]
 
         up = nearest_exact_index(n_vis, audio_len)  # audio row -> visual token (visual stretched to La)
         down = nearest_exact_index(audio_len, n_vis)  # visual row -> interleaved slot it is read back from
@@ -416,12 +484,21 @@ class FoleyDiT(nn.Module):
             visual_gather=None if torch.equal(up[down], torch.arange(n_vis)) else up[down].to(dev),
             rope_audio=tuple(t.to(dev) for t in rope_tables(pos_audio, hd)),
             rope_visual=tuple(t.to(dev) for t in rope_tables(torch.arange(n_vis, dtype=torch.float32), hd)),
+            sync_tokens=sync_tokens,
+            sync_index=sync_index,
+            text_mask=text_mask,
         )
 
     # -- per step -----------------------------------------------------------------------------
 
-    def predict_flow(self, x: torch.Tensor, t: torch.Tensor, conditions: DiTConditions) -> torch.Tensor:
-        """Velocity for latents ``x [B, C, La]`` at timesteps ``t [B]`` (0..1000 scale)."""
+    def predict_flow(
+        self, x: torch.Tensor, t: torch.Tensor, conditions: DiTConditions, step_cache: "StepCacheLike | None" = None
+    ) -> torch.Tensor:
+        """Velocity for latents ``x [B, C, La]`` at timesteps ``t [B]`` (0..1000 scale).
+
+        With ``step_cache`` (see :mod:`foleyserve.pipeline.stepcache`), rows whose first-block output
+        barely changed since the last computed step reuse that step's residual of the remaining blocks.
+        """
         c = conditions
         if x.shape[-1] != c.audio_len or x.shape[0] != c.batch_size:
             raise ValueError(
@@ -431,14 +508,39 @@ class FoleyDiT(nn.Module):
         audio = self.audio_embedder(x) + c.add_sync
         visual = c.visual
         n = len(self.triple_blocks)
-        for i, block in enumerate(self.triple_blocks):
-            audio, visual = block(audio, visual, vec, c, i, last=i == n - 1)
-        # Per-token conditioning of the single blocks: stretched sync features plus the time vector.
-        mod_in = c.add_sync + vec.unsqueeze(1)
+        audio, visual = self.triple_blocks[0](audio, visual, vec, c, 0, last=n == 1)
+        if step_cache is None:
+            return self._finish_blocks(audio, visual, vec, c)
+        rows = step_cache.rows_to_compute(audio)
+        if rows is None:  # every row computes: the exact uncached path
+            hidden = self._rest_blocks(audio, visual, vec, c)
+        elif rows.numel() == 0:
+            hidden = audio + step_cache.residual
+        else:
+            part = self._rest_blocks(audio[rows], visual[rows], vec[rows], c.select(rows))
+            hidden = audio + step_cache.residual
+            hidden[rows] = part
+        step_cache.store(audio, hidden)
+        return self.final_layer(hidden).transpose(1, 2)
+
+    def _finish_blocks(self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions) -> torch.Tensor:
+        return self.final_layer(self._rest_blocks(audio, visual, vec, c)).transpose(1, 2)
+
+    def _rest_blocks(self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions) -> torch.Tensor:
+        """Every block after the first triple block; returns the audio stream before the final layer."""
+        n = len(self.triple_blocks)
+        for i in range(1, n):
+            audio, visual = self.triple_blocks[i](audio, visual, vec, c, i, last=i == n - 1)
+        # Per-token conditioning of the single blocks: stretched sync features plus the time vector,
+        # computed on the distinct sync rows and gathered inside each block.
+        if c.sync_tokens is not None and c.sync_index is not None:
+            mod_in, index = c.sync_tokens + vec.unsqueeze(1), c.sync_index
+        else:
+            mod_in, index = c.add_sync + vec.unsqueeze(1), None
         rope = c.rope_audio
         for block in self.single_blocks:
-            audio = block(audio, mod_in, rope)
-        return self.final_layer(audio).transpose(1, 2)
+            audio = block(audio, mod_in, rope, index)
+        return audio
 
     def forward(
         self,

@@ -23,6 +23,7 @@ from foleyserve.pipeline.features import (
 )
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.sampler import initial_noise, sample_latents
+from foleyserve.pipeline.stepcache import StepCache
 from foleyserve.pipeline.stages import StageTimer
 
 log = logging.getLogger("foleyserve")
@@ -72,12 +73,36 @@ class Components:
 
 
 @dataclass
+class PreparedJob:
+    """One request after its encoders ran: everything the batched denoising loop needs."""
+
+    request: GenerationRequest
+    visual: VisualFeatures
+    text: TextFeatures
+    decoded: media.DecodedVideo
+    timer: StageTimer
+
+    @property
+    def latent_length(self) -> int:
+        return self.visual.latent_length
+
+    def batch_key(self) -> tuple[int, int, bool]:
+        """Jobs with equal keys can share one denoising loop: the model uses no attention mask over
+        audio tokens, so only equal latent lengths batch; the schedule fixes the step count; and
+        guided and unguided rows have different batch layouts."""
+        return (self.latent_length, self.request.steps, float(self.request.guidance) > 1.0)
+
+
+@dataclass
 class Engine:
     components: Components
     precision: str = "fp32"
     siglip_chunk: int = 16
     sync_chunk: int = 8
+    # Step cache threshold (see pipeline/stepcache.py); None = off, the exact default.
+    step_cache: float | None = None
     warnings: list[str] = field(default_factory=list)
+    last_step_cache_report: dict | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -121,13 +146,34 @@ class Engine:
         self, video: str | Path | bytes, timer: StageTimer | None = None, progress: ProgressFn | None = None
     ) -> tuple[VisualFeatures, media.DecodedVideo]:
         timer = timer or StageTimer(self.device)
+        decoded = self.decode(video, timer, progress)
+        return self.encode_visual(decoded, timer, progress), decoded
+
+    def decode(
+        self,
+        video: str | Path | bytes,
+        timer: StageTimer | None = None,
+        progress: ProgressFn | None = None,
+        *,
+        max_seconds: float = MAX_SECONDS,
+    ) -> media.DecodedVideo:
+        """Decode the frames both visual encoders consume (8 and 25 fps), checking there are enough."""
+        timer = timer or StageTimer(self.device)
         report = progress or (lambda _stage, _done, _total: None)
-        c = self.components
         with timer.stage("decode"):
             report("decode", 0, 1)
-            decoded = media.decode_frames(video, fps_list=(8, 25), max_seconds=MAX_SECONDS)
+            decoded = media.decode_frames(video, fps_list=(8, 25), max_seconds=min(max_seconds, MAX_SECONDS))
             media.check_min_frames(decoded.frames[25])
             report("decode", 1, 1)
+        return decoded
+
+    def encode_visual(
+        self, decoded: media.DecodedVideo, timer: StageTimer | None = None, progress: ProgressFn | None = None
+    ) -> VisualFeatures:
+        """SigLIP2 and Synchformer features of decoded frames."""
+        timer = timer or StageTimer(self.device)
+        report = progress or (lambda _stage, _done, _total: None)
+        c = self.components
         with timer.stage("siglip2"):
             sig = siglip_features(
                 c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk,
@@ -138,7 +184,7 @@ class Engine:
             autocast = torch.float16 if self.precision != "fp32" else None
             syn = sync_features(c.synchformer, decoded.frames[25], device=self.device, chunk=self.sync_chunk, autocast_dtype=autocast)
             report("synchformer", 1, 1)
-        return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25])), decoded
+        return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25]))
 
     def extract_text(self, prompt: str, negative_prompt: str, timer: StageTimer | None = None) -> TextFeatures:
         timer = timer or StageTimer(self.device)
@@ -178,25 +224,114 @@ class Engine:
     # -- the public entry points ---------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+        job = self.prepare(request, progress=progress)
+        latents = self.sample_jobs([job], progress=progress)[0]
+        return self.finish(job, latents)
+
+    def prepare(
+        self,
+        request: GenerationRequest,
+        *,
+        decoded: media.DecodedVideo | None = None,
+        visual: VisualFeatures | None = None,
+        text: TextFeatures | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PreparedJob:
+        """Validate a request and run its encoders. Callers with cached features pass them in
+        (``decoded`` is still needed for the result's duration and muxing; it is decoded if absent)."""
         request.validate()
         timer = StageTimer(self.device)
-        visual, decoded = self.extract_visual(request.video, timer, progress)
-        text = self.extract_text(request.prompt, request.negative_prompt, timer)
-        with timer.stage("dit"):
-            latents = self.sample(visual, text, seeds=[request.seed], steps=request.steps, guidance=request.guidance, progress=progress)
-        with timer.stage("dac"):
-            audio = self.decode_audio(latents)[0]
-        return self._finish(request, audio, visual, decoded, timer)
+        if decoded is None:
+            decoded = self.decode(request.video, timer, progress)
+        if visual is None:
+            visual = self.encode_visual(decoded, timer, progress)
+        if text is None:
+            text = self.extract_text(request.prompt, request.negative_prompt, timer)
+        return PreparedJob(request=request, visual=visual, text=text, decoded=decoded, timer=timer)
 
-    def generate_batch(self, requests: Iterable[GenerationRequest], progress: ProgressFn | None = None) -> list[GenerationResult | Exception]:
-        """Run several requests; a failing request yields its exception and the others complete."""
-        results: list[GenerationResult | Exception] = []
-        for req in requests:
+    def sample_jobs(
+        self,
+        jobs: list[PreparedJob],
+        *,
+        progress: ProgressFn | None = None,
+        keep_rows: Callable[[], "list[bool] | None"] | None = None,
+    ) -> list[torch.Tensor]:
+        """One batched denoising loop for jobs with equal :meth:`PreparedJob.batch_key`.
+
+        Each job keeps its own seed, guidance scale, prompts and visual features; prompts of
+        different lengths are padded and masked. Returns one ``[1, 128, La]`` latent per job (rows
+        that ``keep_rows`` dropped come back unfinished). The DiT time is added to every job's timer.
+        """
+        if not jobs:
+            return []
+        keys = {job.batch_key() for job in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"jobs with different batch keys (latent length, steps, guided) cannot share a loop: {sorted(keys)}")
+        first = jobs[0]
+        n_text = max(job.text.text.shape[1] for job in jobs)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, n_text - t.shape[1]))
+
+        noise = torch.cat([initial_noise(1, first.latent_length, seed=job.request.seed) for job in jobs]).to(self.device)
+        cache = StepCache(self.step_cache) if self.step_cache is not None else None
+        cb = (lambda i, n, _x: progress("denoise", i, n)) if progress else None
+        timer = StageTimer(self.device)
+        with timer.stage("dit"):
+            latents = sample_latents(
+                self.components.dit,
+                noise=noise,
+                clip_feat=torch.cat([job.visual.siglip for job in jobs]),
+                sync_feat=torch.cat([job.visual.sync for job in jobs]),
+                text_feat=torch.cat([pad(job.text.text) for job in jobs]),
+                uncond_text_feat=torch.cat([pad(job.text.uncond) for job in jobs]),
+                steps=first.request.steps,
+                guidance_scale=[float(job.request.guidance) for job in jobs],
+                text_lengths=[job.text.text.shape[1] for job in jobs],
+                step_cache=cache,
+                keep_rows=keep_rows,
+                callback=cb,
+            )
+        self.last_step_cache_report = cache.report() if cache is not None else None
+        for job in jobs:
+            job.timer.records["dit"] = timer.records["dit"]
+        return [latents[i : i + 1] for i in range(len(jobs))]
+
+    def finish(self, job: PreparedJob, latents: torch.Tensor) -> GenerationResult:
+        """DAC decode one job's latents and write its outputs."""
+        with job.timer.stage("dac"):
+            audio = self.decode_audio(latents)[0]
+        return self._finish(job.request, audio, job.visual, job.decoded, job.timer)
+
+    def generate_batch(
+        self,
+        requests: Iterable[GenerationRequest],
+        progress: ProgressFn | None = None,
+        *,
+        max_batch_size: int = 1,
+    ) -> list[GenerationResult | Exception]:
+        """Run several requests, batching the denoiser over jobs that can share a loop (up to
+        ``max_batch_size`` at once). A failing request yields its exception; the others complete."""
+        requests = list(requests)
+        results: list[GenerationResult | Exception | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, PreparedJob]]] = {}
+        for i, req in enumerate(requests):
             try:
-                results.append(self.generate(req, progress=progress))
+                job = self.prepare(req, progress=progress)
             except (RequestError, media.MediaError) as e:
-                results.append(e)
-        return results
+                results[i] = e
+                continue
+            groups.setdefault(job.batch_key(), []).append((i, job))
+        for members in groups.values():
+            for start in range(0, len(members), max(1, max_batch_size)):
+                chunk = members[start : start + max(1, max_batch_size)]
+                latents = self.sample_jobs([job for _, job in chunk], progress=progress)
+                for (i, job), lat in zip(chunk, latents):
+                    try:
+                        results[i] = self.finish(job, lat)
+                    except (RequestError, media.MediaError, OSError) as e:
+                        results[i] = e
+        return results  # type: ignore[return-value]
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from foleyserve.models.dit import DiTConditions, FoleyDiT
+from foleyserve.pipeline.stepcache import StepCache
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,17 @@ def _autocast_for(dit: FoleyDiT) -> contextlib.AbstractContextManager:
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# Asked before every step: which rows still want their result (False = cancelled). None: all.
+KeepRows = Callable[[], "list[bool] | None"]
+
+
+def _guidance_vector(guidance_scale: float | list[float] | torch.Tensor, batch: int) -> torch.Tensor:
+    g = torch.as_tensor(guidance_scale, dtype=torch.float32).flatten()
+    if g.numel() == 1:
+        g = g.expand(batch)
+    if g.numel() != batch:
+        raise ValueError(f"{g.numel()} guidance scales for {batch} rows")
+    return g
 
 
 @torch.no_grad()
@@ -120,17 +132,30 @@ def sample_latents(
     text_feat: torch.Tensor,
     uncond_text_feat: torch.Tensor,
     steps: int = 50,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | list[float] | torch.Tensor = 4.5,
     shift: float = 1.0,
     callback: StepCallback | None = None,
+    text_lengths: list[int] | None = None,
+    step_cache: StepCache | None = None,
+    keep_rows: KeepRows | None = None,
 ) -> torch.Tensor:
     """Run the official denoising loop and return the final latents ``[B, 128, La]`` (float32).
 
     Features may have batch 1 (shared by every noise row, as the official ``batch_size`` option
     does) or the noise's batch. ``callback(step, total, latents)`` is called after every step.
+
+    Batching several requests: ``guidance_scale`` may give one scale per row (all above 1, or all
+    at most 1: guidance on or off is one batch layout), ``text_lengths`` the real prompt length of
+    each row when the text features were padded to a common length. ``keep_rows`` is asked before
+    each step; rows it reports False stop being computed (their returned latents are meaningless).
+    ``step_cache`` skips blocks on rows that change slowly (see :mod:`.stepcache`).
     """
     batch, _, length = noise.shape
-    guidance = guidance_scale is not None and guidance_scale > 1.0
+    scales = _guidance_vector(guidance_scale, batch)
+    guided = scales > 1.0
+    if bool(guided.any()) != bool(guided.all()):
+        raise ValueError("rows with guidance > 1 and rows without cannot share a batch")
+    guidance = bool(guided.all())
     schedule = flow_match_schedule(steps, shift=shift)
     clip, sync, text = cfg_inputs(
         dit,
@@ -141,19 +166,43 @@ def sample_latents(
         batch=batch,
         guidance=guidance,
     )
+    lengths = None
+    if text_lengths is not None:
+        lengths = list(text_lengths) * (2 if guidance else 1)
     with _autocast_for(dit):
-        conditions: DiTConditions = dit.prepare_conditions(clip_feat=clip, sync_feat=sync, cond=text, audio_len=length)
-    latents = noise.to(device=dit.device, dtype=torch.float32)
-    rows = 2 * batch if guidance else batch
+        conditions: DiTConditions = dit.prepare_conditions(
+            clip_feat=clip, sync_feat=sync, cond=text, audio_len=length, text_lengths=lengths
+        )
+    latents = noise.to(device=dit.device, dtype=torch.float32).clone()
+    scales = scales.to(dit.device).view(batch, 1, 1)
     sigmas = schedule.sigmas.to(dit.device)
+    alive = torch.arange(batch, device=dit.device)  # rows still computed
     for i, t in enumerate(schedule.timesteps.to(dit.device)):
-        x_in = torch.cat((latents, latents), 0) if guidance else latents
+        if keep_rows is not None:
+            wanted = keep_rows()
+            if wanted is not None:
+                keep = torch.tensor([bool(wanted[r]) for r in alive.tolist()], device=dit.device)
+                if not bool(keep.all()):
+                    if not bool(keep.any()):
+                        break
+                    local = keep.nonzero().flatten()
+                    rows = torch.cat((local, local + alive.numel())) if guidance else local
+                    conditions = conditions.select(rows)
+                    if step_cache is not None:
+                        step_cache.select(rows)
+                    alive = alive[local]
+        x = latents[alive] if alive.numel() != batch else latents
+        x_in = torch.cat((x, x), 0) if guidance else x
         with _autocast_for(dit):
-            velocity = dit.predict_flow(x_in, t.repeat(rows), conditions).float()
+            velocity = dit.predict_flow(x_in, t.repeat(x_in.shape[0]), conditions, step_cache).float()
         if guidance:
             v_uncond, v_cond = velocity.chunk(2)
-            velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
-        latents = latents + velocity * (sigmas[i + 1] - sigmas[i])
+            velocity = v_uncond + scales[alive] * (v_cond - v_uncond)
+        x = x + velocity * (sigmas[i + 1] - sigmas[i])
+        if alive.numel() != batch:
+            latents[alive] = x
+        else:
+            latents = x
         if callback is not None:
             callback(i + 1, schedule.steps, latents)
     return latents
