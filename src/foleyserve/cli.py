@@ -345,6 +345,19 @@ def _run_csv(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- main
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo, _add_convert]
+# Larger commands live in foleyserve/commands/<name>.py, each with add_parser(sub) that sets
+# ``run`` (a function of the parsed args returning an exit code; it may raise UsageError).
+_COMMAND_MODULES = ("serve", "batch", "profile", "fidelity")
+
+
+def _add_command_modules(sub: argparse._SubParsersAction) -> None:
+    import importlib
+    import importlib.util
+
+    for name in _COMMAND_MODULES:
+        if importlib.util.find_spec(f"foleyserve.commands.{name}") is None:
+            continue
+        importlib.import_module(f"foleyserve.commands.{name}").add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)
+    _add_command_modules(sub)
     return parser
 
 

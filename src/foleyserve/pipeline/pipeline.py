@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from foleyserve import media
+from foleyserve.config import EngineConfig
 from foleyserve.models.dit import FoleyDiT
 from foleyserve.pipeline.features import (
     TextFeatures,
@@ -124,6 +125,28 @@ class Engine:
         dtype = resolve_precision(precision)
         comps = load_components(model_dir, model=model, dtype=dtype, device=dev, siglip_dir=siglip_dir, clap_dir=clap_dir)
         return cls(components=comps, precision=precision)
+
+    @classmethod
+    def from_config(cls, config: "EngineConfig") -> "Engine":
+        """Build an engine from typed options (CLI flags or a deployment profile)."""
+        config.validate()
+        if config.demo:
+            engine = cls.demo(device=config.device if config.device != "auto" else "cpu")
+        else:
+            engine = cls.from_pretrained(
+                config.model_dir,  # type: ignore[arg-type]
+                model=config.model,
+                precision=config.precision,
+                device=config.device,
+                siglip_dir=config.siglip_dir,
+                clap_dir=config.clap_dir,
+            )
+        engine.step_cache = config.step_cache
+        return engine.configure(config)
+
+    def configure(self, config: "EngineConfig") -> "Engine":
+        """Apply the cost options (precision policy, compile, offload) to the loaded models."""
+        return self
 
     @classmethod
     def demo(cls, *, device: str | torch.device = "cpu", seed: int = 0) -> "Engine":
@@ -301,7 +324,7 @@ class Engine:
         """DAC decode one job's latents and write its outputs."""
         with job.timer.stage("dac"):
             audio = self.decode_audio(latents)[0]
-        return self._finish(job.request, audio, job.visual, job.decoded, job.timer)
+        return self.write_result(job.request, audio, job.decoded, job.timer)
 
     def generate_batch(
         self,
@@ -335,18 +358,20 @@ class Engine:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _finish(
+    def write_result(
         self,
         request: GenerationRequest,
         audio: torch.Tensor,
-        visual: VisualFeatures,
         decoded: media.DecodedVideo,
-        timer: StageTimer,
+        timer: StageTimer | None = None,
     ) -> GenerationResult:
+        """Write ``audio`` ([1, T] at 48 kHz) as the request asks and describe it. Also used for a
+        result served from a cache: no model runs here."""
+        timer = timer or StageTimer(self.device)
         warnings: list[str] = []
         if self.components.is_demo:
             warnings.append("demo model: random weights, the audio is noise (use --model-dir for the real model)")
-        covered = visual.latent_length * 960 / self.sample_rate
+        covered = audio.shape[-1] / self.sample_rate
         if decoded.duration > covered + 0.05:
             warnings.append(
                 f"the video is {decoded.duration:.2f} s long but HunyuanVideo-Foley generates at most "
