@@ -5,6 +5,7 @@ decode (one pass, 8 + 25 fps) -> SigLIP2 / Synchformer / CLAP -> sampler (DiT) -
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from foleyserve.pipeline.stages import StageTimer
 log = logging.getLogger("foleyserve")
 
 MAX_SECONDS = 15.0  # the official decoder stops at the first frame after 15 s (15.04 s of audio)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Precision policy -> the dtype the checkpoints are loaded in before the policy converts the DiT.
+PRECISIONS = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.bfloat16,
+    "fp8-weight-only": torch.bfloat16,
+}
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -56,6 +64,19 @@ def resolve_precision(precision: str) -> torch.dtype:
         return PRECISIONS[precision]
     except KeyError:
         raise RequestError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}") from None
+
+
+def compile_blocks(dit: FoleyDiT, *, cuda_graphs: bool = False) -> None:
+    """torch.compile each DiT block (regional compilation: one graph per block type, reused by every
+    block, so compiling is quick) with static shapes. Each latent length is its own specialisation,
+    compiled once when first seen and reused by every later request of that length; the limit is
+    raised so a server's set of length buckets fits. ``cuda_graphs`` also captures CUDA graphs."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    mode = "reduce-overhead" if cuda_graphs else None
+    for block in list(dit.triple_blocks) + list(dit.single_blocks):
+        block.compile(dynamic=False, mode=mode)
 
 
 @dataclass
@@ -104,6 +125,10 @@ class Engine:
     step_cache: float | None = None
     warnings: list[str] = field(default_factory=list)
     last_step_cache_report: dict | None = None
+    policy_report: dict | None = None
+    offload: str = "none"
+    compiled: bool = False
+    _lender: object | None = field(default=None, repr=False)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -124,7 +149,14 @@ class Engine:
         dev = resolve_device(device)
         dtype = resolve_precision(precision)
         comps = load_components(model_dir, model=model, dtype=dtype, device=dev, siglip_dir=siglip_dir, clap_dir=clap_dir)
-        return cls(components=comps, precision=precision)
+        engine = cls(components=comps, precision=precision)
+        if precision not in ("fp32", "bf16", "fp16"):
+            # fp8 policies convert the bf16-loaded DiT; the plain dtypes are exact as loaded
+            # (the official numerics: every DiT layer in that dtype).
+            from foleyserve.config import EngineConfig
+
+            engine.configure(EngineConfig(model_dir=Path(model_dir), precision=precision, device=str(dev)))
+        return engine
 
     @classmethod
     def from_config(cls, config: "EngineConfig") -> "Engine":
@@ -133,20 +165,52 @@ class Engine:
         if config.demo:
             engine = cls.demo(device=config.device if config.device != "auto" else "cpu")
         else:
-            engine = cls.from_pretrained(
+            from foleyserve.pipeline.model_dir import load_components
+
+            dev = resolve_device(config.device)
+            comps = load_components(
                 config.model_dir,  # type: ignore[arg-type]
                 model=config.model,
-                precision=config.precision,
-                device=config.device,
+                dtype=resolve_precision(config.precision),
+                device=dev,
                 siglip_dir=config.siglip_dir,
                 clap_dir=config.clap_dir,
             )
-        engine.step_cache = config.step_cache
+            engine = cls(components=comps, precision=config.precision)
         return engine.configure(config)
 
     def configure(self, config: "EngineConfig") -> "Engine":
-        """Apply the cost options (precision policy, compile, offload) to the loaded models."""
+        """Apply the cost options to the loaded models: precision policy, step cache, offload, compile.
+
+        Call once, right after loading (``from_config`` does).
+        """
+        from foleyserve.config import ConfigError
+        from foleyserve.pipeline.offload import apply_offload
+        from foleyserve.precision import apply_policy
+
+        config.validate()
+        if config.compile and config.offload == "sequential":
+            raise ConfigError("compile and offload=sequential do not combine (streamed blocks change weights under the graph); pick one")
+        c = self.components
+        report = apply_policy(c.dit, config.precision, keep_fp32=config.keep_fp32)
+        self.policy_report = report.as_dict()
+        self.precision = config.precision
+        self.step_cache = config.step_cache
+        models = {"dit": c.dit, "dac": c.dac, "synchformer": c.synchformer, "siglip": c.siglip, "clap": c.clap}
+        self._lender = apply_offload(config.offload, self.device, models, dit=c.dit)
+        self.offload = config.offload
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if config.compile:
+            compile_blocks(c.dit, cuda_graphs=self.device.type == "cuda")
+            self.compiled = True
         return self
+
+    def _on_device(self, module: torch.nn.Module):
+        """The stage lender's context for ``module`` (a no-op without offload)."""
+        if self._lender is None:
+            return contextlib.nullcontext(module)
+        return self._lender.on_device(module)  # type: ignore[attr-defined]
 
     @classmethod
     def demo(cls, *, device: str | torch.device = "cpu", seed: int = 0) -> "Engine":
@@ -198,20 +262,24 @@ class Engine:
         report = progress or (lambda _stage, _done, _total: None)
         c = self.components
         with timer.stage("siglip2"):
-            sig = siglip_features(
-                c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk,
-                progress=lambda done, total: report("siglip2", done, total),
-            )
+            with self._on_device(c.siglip):
+                sig = siglip_features(
+                    c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk,
+                    progress=lambda done, total: report("siglip2", done, total),
+                )
         with timer.stage("synchformer"):
             report("synchformer", 0, 1)
             autocast = torch.float16 if self.precision != "fp32" else None
-            syn = sync_features(c.synchformer, decoded.frames[25], device=self.device, chunk=self.sync_chunk, autocast_dtype=autocast)
+            with self._on_device(c.synchformer):
+                syn = sync_features(
+                    c.synchformer, decoded.frames[25], device=self.device, chunk=self.sync_chunk, autocast_dtype=autocast
+                )
             report("synchformer", 1, 1)
         return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25]))
 
     def extract_text(self, prompt: str, negative_prompt: str, timer: StageTimer | None = None) -> TextFeatures:
         timer = timer or StageTimer(self.device)
-        with timer.stage("clap"):
+        with timer.stage("clap"), self._on_device(self.components.clap):
             return text_features(self.components.tokenizer, self.components.clap, prompt, negative_prompt, device=self.device)
 
     def sample(
@@ -242,7 +310,8 @@ class Engine:
     @torch.no_grad()
     def decode_audio(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> [B, 1, 960*La] float32 waveforms at 48 kHz (the DAC runs in fp32)."""
-        return self.components.dac.decode(latents.float()).float().cpu()
+        with self._on_device(self.components.dac):
+            return self.components.dac.decode(latents.to(self.device, torch.float32)).float().cpu()
 
     # -- the public entry points ---------------------------------------------------------------
 
@@ -300,7 +369,7 @@ class Engine:
         cache = StepCache(self.step_cache) if self.step_cache is not None else None
         cb = (lambda i, n, _x: progress("denoise", i, n)) if progress else None
         timer = StageTimer(self.device)
-        with timer.stage("dit"):
+        with timer.stage("dit"), self._on_device(self.components.dit):
             latents = sample_latents(
                 self.components.dit,
                 noise=noise,

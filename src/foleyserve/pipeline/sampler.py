@@ -103,8 +103,10 @@ def cfg_inputs(
 
 def _autocast_for(dit: FoleyDiT) -> contextlib.AbstractContextManager:
     # A low-precision model runs under autocast like the official loop; fp32 runs without it.
-    if dit.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type=dit.device.type, dtype=dit.dtype)
+    # A precision policy (foleyserve.precision) states its autocast dtype explicitly.
+    dtype = getattr(dit, "autocast_dtype", dit.dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=dit.device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
