@@ -92,7 +92,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ generate
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "fp8-weight-only")
 _CSV_FORMATS = ("mp4", "wav", "flac")
 
 
@@ -101,10 +101,23 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model-dir", type=Path, help="folder with the official HunyuanVideo-Foley files")
     src.add_argument("--demo", action="store_true", help="tiny random-weight model (output is noise; no download)")
     p.add_argument("--model", choices=("xxl", "xl"), default="xxl", help="which denoiser of the model folder (default xxl)")
-    p.add_argument("--precision", default="bf16", help=f"denoiser precision: {', '.join(_PRECISIONS)} (default bf16)")
+    p.add_argument(
+        "--precision", default=None,
+        help=f"denoiser precision policy: {', '.join(_PRECISIONS)} (default bf16; fp32 for --demo)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
     p.add_argument("--clap-dir", type=Path, help="local laion/larger_clap_general folder (default: search)")
+    p.add_argument(
+        "--step-cache", type=float, metavar="T",
+        help="reuse the denoiser's residual on steps that change less than T (e.g. 0.05; default off = exact)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser blocks (first run per length compiles)")
+    p.add_argument(
+        "--offload", choices=("none", "stage", "sequential"), default="none",
+        help="keep models in host RAM and lend the running stage to the GPU (stage), also streaming DiT blocks (sequential)",
+    )
+    p.add_argument("--keep-fp32", metavar="PATTERNS", help="comma-separated layer patterns kept in fp32 under bf16/fp16/fp8")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -146,20 +159,42 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_demo, prompt="a ball bouncing on a wooden floor", steps=25)
 
 
+def engine_config_from_args(args: argparse.Namespace):
+    """The :class:`EngineConfig` that the engine flags describe (shared by generate, batch, serve)."""
+    from foleyserve.config import ConfigError, EngineConfig
+
+    precision = args.precision or ("fp32" if args.demo else "bf16")
+    if precision not in _PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(_PRECISIONS)}")
+    if not args.demo and args.model_dir is None:
+        raise UsageError("no model given: pass --model-dir DIR (the official weights) or --demo")
+    keep = getattr(args, "keep_fp32", None)
+    config = EngineConfig(
+        model_dir=args.model_dir,
+        demo=bool(args.demo),
+        model=args.model,
+        precision=precision,
+        device=args.device,
+        keep_fp32=[k.strip() for k in keep.split(",") if k.strip()] if keep is not None else None,
+        step_cache=getattr(args, "step_cache", None),
+        compile=bool(getattr(args, "compile", False)),
+        offload=getattr(args, "offload", "none"),
+        siglip_dir=args.siglip_dir,
+        clap_dir=args.clap_dir,
+    )
+    try:
+        return config.validate()
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
 def _engine_from_args(args: argparse.Namespace):
     from foleyserve.pipeline.pipeline import Engine
 
-    if args.precision not in _PRECISIONS:
-        raise UsageError(f"unknown precision {args.precision!r}: choose one of {', '.join(_PRECISIONS)}")
-    if args.demo:
+    config = engine_config_from_args(args)
+    if config.demo:
         print("foleyserve: using the DEMO model (random weights): the audio will be noise", file=sys.stderr)
-        return Engine.demo(device=args.device)
-    if args.model_dir is None:
-        raise UsageError("no model given: pass --model-dir DIR (the official weights) or --demo")
-    return Engine.from_pretrained(
-        args.model_dir, model=args.model, precision=args.precision, device=args.device,
-        siglip_dir=args.siglip_dir, clap_dir=args.clap_dir,
-    )
+    return Engine.from_config(config)
 
 
 def _check_writable(path: Path) -> None:
