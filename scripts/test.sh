@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite, slow cases included.
+# Set up (if needed) and run the whole test suite, slow cases included. The browser and Redis
+# tests need Debian's chromium and redis-server, installed here when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-system.sh
 bash scripts/install.sh
 exec "${PYTHON:-python3}" -m pytest -q "$@"

@@ -160,4 +160,10 @@ def apply_offload(mode: str, device: torch.device, models: dict[str, nn.Module],
     if mode == "sequential" and dit is not None:
         blocks = list(dit.triple_blocks) + list(dit.single_blocks)
         dit._foleyserve_stream = SequentialBlocks(blocks, device)  # type: ignore[attr-defined]
+        # Everything else of the DiT (embedders, final layer, learned empties) is small: resident.
+        for name, child in dit.named_children():
+            if name not in ("triple_blocks", "single_blocks"):
+                child.to(device)
+        for p in dit.parameters(recurse=False):
+            p.data = p.data.to(device)
     return lender

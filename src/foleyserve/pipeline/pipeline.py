@@ -168,14 +168,17 @@ class Engine:
             from foleyserve.pipeline.model_dir import load_components
 
             dev = resolve_device(config.device)
+            # With offload the weights' home is host RAM: load there, so the device never holds
+            # more than the running stage (even during start-up).
             comps = load_components(
                 config.model_dir,  # type: ignore[arg-type]
                 model=config.model,
                 dtype=resolve_precision(config.precision),
-                device=dev,
+                device=dev if config.offload == "none" else torch.device("cpu"),
                 siglip_dir=config.siglip_dir,
                 clap_dir=config.clap_dir,
             )
+            comps.device = dev
             engine = cls(components=comps, precision=config.precision)
         return engine.configure(config)
 
@@ -337,8 +340,14 @@ class Engine:
             decoded = self.decode(request.video, timer, progress)
         if visual is None:
             visual = self.encode_visual(decoded, timer, progress)
+        else:  # cached features come back on the host
+            visual = VisualFeatures(
+                siglip=visual.siglip.to(self.device), sync=visual.sync.to(self.device), frames_25fps=visual.frames_25fps
+            )
         if text is None:
             text = self.extract_text(request.prompt, request.negative_prompt, timer)
+        else:
+            text = TextFeatures(text=text.text.to(self.device), uncond=text.uncond.to(self.device))
         return PreparedJob(request=request, visual=visual, text=text, decoded=decoded, timer=timer)
 
     def sample_jobs(

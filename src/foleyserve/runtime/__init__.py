@@ -1,0 +1,1 @@
+"""Serving runtime: request batching and the feature/result cache."""
