@@ -1,0 +1,848 @@
+// foleyserve web page: upload a video, follow the job, play and inspect the result.
+// Plain ES module, no build step and no third-party code, so the page works offline.
+// It talks only to the public HTTP API (/v1/generations...).
+
+const API = "v1/generations"; // relative: the page keeps working behind a proxy sub-path
+const POLL_MS = 500;
+const RECENT_LIMIT = 20;
+const KEY_STORAGE = "foleyserve.apiKey";
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+const $ = (id) => document.getElementById(id);
+
+const el = {
+  alert: $("alert"),
+  alertMessage: $("alert-message"),
+  alertClose: $("alert-close"),
+  keyForm: $("apikey-form"),
+  keyInput: $("apikey-input"),
+  form: $("generate-form"),
+  dropzone: $("dropzone"),
+  videoInput: $("video-input"),
+  videoInfo: $("video-info"),
+  preview: $("preview"),
+  prompt: $("prompt"),
+  negative: $("negative-prompt"),
+  steps: $("steps"),
+  guidance: $("guidance"),
+  seed: $("seed"),
+  seedRandom: $("seed-random"),
+  output: $("output"),
+  generate: $("generate"),
+  jobEmpty: $("job-empty"),
+  progressPanel: $("progress-panel"),
+  status: $("status"),
+  progressBar: $("progress-bar"),
+  progressText: $("progress-text"),
+  cancel: $("cancel"),
+  result: $("result"),
+  resultVideo: $("result-video"),
+  resultAudio: $("result-audio"),
+  waveform: $("waveform"),
+  waveformCaption: $("waveform-caption"),
+  downloadMain: $("download-main"),
+  downloadAudio: $("download-audio"),
+  resultMeta: $("result-meta"),
+  reuseSeed: $("reuse-seed"),
+  recentList: $("recent-jobs"),
+  recentEmpty: $("recent-empty"),
+  recentRefresh: $("recent-refresh"),
+};
+
+const state = {
+  file: null, // the chosen video File
+  previewUrl: null,
+  jobId: null, // the job shown in the Result panel
+  track: 0, // bumped whenever the shown job changes, so stale polls and downloads stop
+  resultUrls: [], // object URLs of the shown result, revoked when it is replaced
+  audio: null, // {data: Float32Array[], sampleRate, duration} of the shown result, for redraws
+  lastSeed: null,
+  uploading: false,
+  submitted: new Map(), // job id -> the seed string this page sent
+};
+
+// ---------------------------------------------------------------------------------------------
+// talking to the server
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// The server answers {"error": {"code", "message"}}; FastAPI's own fallbacks use {"detail": ...}.
+function errorFromBody(status, body, fallbackText) {
+  if (body && typeof body === "object") {
+    if (body.error && typeof body.error === "object") {
+      return new ApiError(status, body.error.code || `http_${status}`, body.error.message || fallbackText);
+    }
+    if (body.detail !== undefined) {
+      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      return new ApiError(status, `http_${status}`, detail);
+    }
+  }
+  const text = (fallbackText || "").trim().slice(0, 300);
+  return new ApiError(status, `http_${status}`, text || `the server answered HTTP ${status}`);
+}
+
+async function errorFromResponse(response) {
+  const text = await response.text().catch(() => "");
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON: a proxy error page, say; its text is the best description we have
+  }
+  return errorFromBody(response.status, body, text);
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  } catch (e) {
+    throw new ApiError(0, "network", `cannot reach the server (${e.message}); check that it is running`);
+  }
+  if (!response.ok) {
+    const err = await errorFromResponse(response);
+    if (response.status === 401) askForKey();
+    throw err;
+  }
+  return response;
+}
+
+// XMLHttpRequest rather than fetch for the upload: fetch cannot report upload progress.
+function uploadJob(formData, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", API);
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
+    xhr.responseType = "text";
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) onProgress(e.loaded / e.total);
+    });
+    xhr.addEventListener("load", () => {
+      let body = null;
+      try {
+        body = JSON.parse(xhr.responseText);
+      } catch {
+        // handled below as a non-JSON answer
+      }
+      if (xhr.status >= 200 && xhr.status < 300 && body && body.id) {
+        resolve(body);
+        return;
+      }
+      const err = errorFromBody(xhr.status, body, xhr.responseText);
+      if (xhr.status === 429) {
+        const wait = xhr.getResponseHeader("Retry-After");
+        if (wait) err.message += ` (try again in about ${wait} s)`;
+      }
+      if (xhr.status === 401) askForKey();
+      reject(err);
+    });
+    xhr.addEventListener("error", () => reject(new ApiError(0, "network", "the upload failed: cannot reach the server")));
+    xhr.addEventListener("abort", () => reject(new ApiError(0, "aborted", "the upload was aborted")));
+    xhr.send(formData);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// alert and API key
+
+const STATUS_HINTS = {
+  0: "No connection",
+  400: "Bad request",
+  401: "API key needed",
+  403: "Not allowed",
+  404: "Not found",
+  410: "Result expired",
+  413: "The video is too large",
+  415: "That file is not a video the server can read",
+  422: "The server cannot use this request",
+  429: "The server is busy",
+  503: "The server is not ready",
+};
+
+function describeError(err) {
+  if (!(err instanceof ApiError)) return `Something went wrong in the page: ${err && err.message ? err.message : err}`;
+  const hint = STATUS_HINTS[err.status] || (err.status >= 500 ? "Server error" : `HTTP ${err.status}`);
+  return `${hint}: ${err.message}`;
+}
+
+function showAlert(text, code = "") {
+  el.alertMessage.textContent = text;
+  el.alert.dataset.code = code;
+  el.alert.hidden = false;
+}
+
+function showError(err) {
+  showAlert(describeError(err), err instanceof ApiError ? err.code : "page_error");
+}
+
+function hideAlert() {
+  el.alert.hidden = true;
+  el.alertMessage.textContent = "";
+  delete el.alert.dataset.code;
+}
+
+function askForKey() {
+  const hadKey = Boolean(apiKey());
+  if (hadKey) sessionStorage.removeItem(KEY_STORAGE);
+  el.keyForm.hidden = false;
+  el.keyInput.value = "";
+  el.keyInput.focus();
+  showAlert(
+    hadKey
+      ? "API key needed: the server did not accept the key. Enter it again above."
+      : "API key needed: this server only answers requests with a key. Enter it above, then try again.",
+    "unauthorized",
+  );
+}
+
+el.keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = el.keyInput.value.trim();
+  if (!key) {
+    showAlert("API key needed: the key field is empty.", "unauthorized");
+    el.keyInput.focus();
+    return;
+  }
+  sessionStorage.setItem(KEY_STORAGE, key);
+  el.keyInput.value = "";
+  el.keyForm.hidden = true;
+  hideAlert();
+  refreshRecent();
+});
+
+el.alertClose.addEventListener("click", hideAlert);
+
+// ---------------------------------------------------------------------------------------------
+// choosing a video
+
+function formatBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} kB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function chooseFile(file) {
+  hideAlert();
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.file = file || null;
+  state.previewUrl = null;
+  el.preview.removeAttribute("src");
+  el.preview.hidden = true;
+  if (!file) {
+    el.videoInfo.textContent = "";
+    return;
+  }
+  el.videoInfo.textContent = `${file.name} · ${formatBytes(file.size)}`;
+  if (file.size === 0) {
+    showAlert(`Empty file: ${file.name} has no content; choose another video.`, "empty_file");
+    state.file = null;
+    return;
+  }
+  state.previewUrl = URL.createObjectURL(file);
+  el.preview.src = state.previewUrl;
+  el.preview.hidden = false;
+}
+
+el.preview.addEventListener("loadedmetadata", () => {
+  if (state.file && Number.isFinite(el.preview.duration)) {
+    el.videoInfo.textContent = `${state.file.name} · ${formatBytes(state.file.size)} · ${el.preview.duration.toFixed(1)} s`;
+  }
+});
+
+// The browser may lack a codec the server has, so a failed preview is a note, not a refusal.
+el.preview.addEventListener("error", () => {
+  if (!state.file) return;
+  el.preview.hidden = true;
+  el.videoInfo.textContent = `${state.file.name} · ${formatBytes(state.file.size)} · this browser cannot preview it; the server will check it`;
+});
+
+el.videoInput.addEventListener("change", () => chooseFile(el.videoInput.files[0]));
+
+for (const type of ["dragenter", "dragover"]) {
+  el.dropzone.addEventListener(type, (e) => {
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    el.dropzone.classList.add("dragging");
+  });
+}
+for (const type of ["dragleave", "dragend"]) {
+  el.dropzone.addEventListener(type, (e) => {
+    if (!el.dropzone.contains(e.relatedTarget)) el.dropzone.classList.remove("dragging");
+  });
+}
+el.dropzone.addEventListener("drop", (e) => {
+  e.preventDefault();
+  el.dropzone.classList.remove("dragging");
+  const files = e.dataTransfer.files;
+  if (!files || files.length === 0) {
+    showAlert("Nothing to upload: drop a video file (not a link or text).", "no_file");
+    return;
+  }
+  // Keep the file input in step with the drop, so the form shows what will be sent.
+  try {
+    el.videoInput.files = files;
+  } catch {
+    // older browsers cannot assign FileLists; the dropped file is still used below
+  }
+  chooseFile(files[0]);
+});
+// A file dropped next to the drop zone would otherwise make the browser navigate away from the page.
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => e.preventDefault());
+
+// ---------------------------------------------------------------------------------------------
+// the form
+
+function randomSeed() {
+  return crypto.getRandomValues(new Uint32Array(1))[0];
+}
+
+el.seedRandom.addEventListener("click", () => {
+  el.seed.value = String(randomSeed());
+});
+
+el.reuseSeed.addEventListener("click", () => {
+  if (state.lastSeed !== null) {
+    el.seed.value = String(state.lastSeed);
+    el.seed.focus();
+  }
+});
+
+function fieldLabel(input) {
+  const label = document.querySelector(`label[for="${input.id}"]`);
+  return label ? label.textContent.trim() : input.name;
+}
+
+function firstInvalidField() {
+  for (const input of [el.steps, el.guidance, el.seed]) {
+    if (!input.checkValidity()) return input;
+  }
+  return null;
+}
+
+function setUploading(fraction) {
+  state.uploading = fraction !== null;
+  el.generate.disabled = state.uploading;
+  el.generate.setAttribute("aria-busy", String(state.uploading));
+  el.generate.textContent = state.uploading ? `Uploading ${Math.round(fraction * 100)}%` : "Generate";
+}
+
+el.form.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  if (state.uploading) return;
+  hideAlert();
+  if (!state.file) {
+    showAlert("No video chosen: drop a video file on the drop zone or use the file picker.", "no_file");
+    el.videoInput.focus();
+    return;
+  }
+  const invalid = firstInvalidField();
+  if (invalid) {
+    showAlert(`${fieldLabel(invalid)}: ${invalid.validationMessage}`, "invalid_parameter");
+    invalid.focus();
+    return;
+  }
+  // Sent as typed: seeds go up to 2**63, past what a JS number holds exactly.
+  const seed = el.seed.value.trim() === "" ? String(randomSeed()) : el.seed.value.trim();
+  const data = new FormData();
+  data.append("video", state.file, state.file.name);
+  data.append("prompt", el.prompt.value);
+  data.append("negative_prompt", el.negative.value);
+  data.append("steps", el.steps.value);
+  data.append("guidance", el.guidance.value);
+  data.append("seed", seed);
+  data.append("output", el.output.value);
+  setUploading(0);
+  let created;
+  try {
+    created = await uploadJob(data, setUploading);
+  } catch (err) {
+    showError(err);
+    return;
+  } finally {
+    setUploading(null);
+  }
+  state.lastSeed = seed;
+  state.submitted.set(created.id, seed);
+  refreshRecent();
+  track(created.id, created);
+});
+
+// ---------------------------------------------------------------------------------------------
+// following a job
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function statusLine(job) {
+  const step = job.progress ? job.progress.step : 0;
+  const total = job.progress ? job.progress.total : 0;
+  switch (job.status) {
+    case "queued":
+      return "Queued: waiting for the model";
+    case "running":
+      return step > 0 && total > 0 ? `Generating: step ${step} of ${total}` : "Running: reading the video and the prompt";
+    case "succeeded":
+      return job.cache_hit ? "Done (served from the cache)" : "Done";
+    case "failed":
+      return "Failed";
+    case "cancelled":
+      return "Cancelled";
+    default:
+      return job.status || "Unknown status";
+  }
+}
+
+function renderProgress(job) {
+  el.jobEmpty.hidden = true;
+  el.progressPanel.hidden = false;
+  el.progressPanel.dataset.status = job.status;
+  el.status.textContent = statusLine(job);
+  const total = job.progress && job.progress.total > 0 ? job.progress.total : 0;
+  const step = job.progress ? Math.min(job.progress.step, total) : 0;
+  const bar = el.progressBar;
+  if (job.status === "succeeded") {
+    bar.max = total || 1;
+    bar.value = bar.max; // a cache hit never runs a step, yet it is complete
+  } else if (job.status === "running" && total > 0 && step > 0) {
+    bar.max = total;
+    bar.value = step;
+  } else if (FINAL.has(job.status)) {
+    bar.max = total || 1;
+    bar.value = step;
+  } else {
+    bar.removeAttribute("value"); // indeterminate while queued or encoding
+  }
+  el.progressText.textContent = total > 0 && (job.status === "running" || FINAL.has(job.status))
+    ? `${job.status === "succeeded" ? total : step} / ${total} denoising steps`
+    : "";
+  el.cancel.hidden = FINAL.has(job.status);
+  if (FINAL.has(job.status)) el.cancel.disabled = false;
+}
+
+function clearResult() {
+  for (const url of state.resultUrls) URL.revokeObjectURL(url);
+  state.resultUrls = [];
+  state.audio = null;
+  for (const player of [el.resultVideo, el.resultAudio]) {
+    player.pause();
+    player.removeAttribute("src");
+    player.load();
+    player.hidden = true;
+  }
+  el.downloadMain.hidden = true;
+  el.downloadAudio.hidden = true;
+  el.downloadMain.removeAttribute("href");
+  el.downloadAudio.removeAttribute("href");
+  el.resultMeta.replaceChildren();
+  el.reuseSeed.hidden = true;
+  const ctx = el.waveform.getContext("2d");
+  ctx.clearRect(0, 0, el.waveform.width, el.waveform.height);
+  delete el.waveform.dataset.drawn;
+  el.result.hidden = true;
+}
+
+async function track(id, first = null) {
+  const token = ++state.track;
+  state.jobId = id;
+  markSelected();
+  clearResult();
+  el.cancel.disabled = false;
+  if (first) renderProgress({ progress: { step: 0, total: 0 }, ...first });
+  let failures = 0;
+  let lastStatus = null;
+  while (token === state.track) {
+    let job;
+    try {
+      job = await (await api(`${API}/${encodeURIComponent(id)}`)).json();
+      failures = 0;
+    } catch (err) {
+      if (token !== state.track) return;
+      // A restart or a dropped connection should not lose the job: keep asking, more slowly.
+      if (err.status === 0 || err.status >= 502) {
+        failures += 1;
+        el.status.textContent = `Lost contact with the server; retrying (${failures})`;
+        await sleep(Math.min(POLL_MS * 2 ** failures, 10000));
+        continue;
+      }
+      showError(err);
+      el.progressPanel.hidden = true;
+      return;
+    }
+    if (token !== state.track) return;
+    renderProgress(job);
+    if (job.status !== lastStatus) {
+      lastStatus = job.status;
+      updateRecentItem(job); // keep the list's badge in step with what the panel shows
+    }
+    if (FINAL.has(job.status)) {
+      await finished(job, token);
+      return;
+    }
+    await sleep(POLL_MS);
+  }
+}
+
+async function finished(job, token) {
+  if (job.status === "failed") {
+    const err = job.error || {};
+    showAlert(`The job failed (${err.code || "error"}): ${err.message || "no reason given"}`, err.code || "failed");
+    return;
+  }
+  if (job.status === "succeeded") await showResult(job, token);
+}
+
+el.cancel.addEventListener("click", async () => {
+  const id = state.jobId;
+  if (!id) return;
+  el.cancel.disabled = true;
+  el.status.textContent = "Cancelling";
+  try {
+    await api(`${API}/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (err) {
+    showError(err);
+    el.cancel.disabled = false;
+  }
+  // The poll loop picks up the final status.
+});
+
+// ---------------------------------------------------------------------------------------------
+// showing a result
+
+async function fetchBlob(url) {
+  const response = await api(url);
+  return response.blob();
+}
+
+function extensionOf(blob, fallback) {
+  const type = (blob.type || "").toLowerCase();
+  if (type.includes("mp4")) return "mp4";
+  if (type.includes("flac")) return "flac";
+  if (type.includes("wav") || type.includes("wave")) return "wav";
+  return fallback;
+}
+
+function objectUrl(blob) {
+  const url = URL.createObjectURL(blob);
+  state.resultUrls.push(url);
+  return url;
+}
+
+function metaRow(term, value) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  dd.textContent = value;
+  el.resultMeta.append(dt, dd);
+}
+
+function jobSeed(job) {
+  if (Number.isFinite(job.seed)) return job.seed;
+  const params = job.params || job.request || {};
+  return Number.isFinite(params.seed) ? params.seed : null;
+}
+
+function describeTimings(timings) {
+  if (!timings || typeof timings !== "object") return "";
+  const parts = Object.entries(timings)
+    .filter(([, s]) => Number.isFinite(s))
+    .map(([stage, s]) => `${stage} ${s.toFixed(2)} s`);
+  return parts.join(" · ");
+}
+
+async function showResult(job, token) {
+  const shortId = String(job.id).slice(0, 8);
+  let mainBlob = null;
+  let audioBlob = null;
+  try {
+    if (job.video_url) mainBlob = await fetchBlob(job.video_url);
+    if (job.audio_url) audioBlob = await fetchBlob(job.audio_url);
+  } catch (err) {
+    if (token === state.track) showError(err);
+    return;
+  }
+  if (token !== state.track) return;
+  if (!mainBlob && !audioBlob) {
+    if (job.expired) showAlert("Result expired: the server has deleted this job's files (retention limit).", "expired");
+    else showAlert("The job finished but the server lists no file to download.", "no_result_file");
+    return;
+  }
+  el.result.hidden = false;
+  if (mainBlob) {
+    const url = objectUrl(mainBlob);
+    el.resultVideo.src = url;
+    el.resultVideo.hidden = false;
+    el.downloadMain.href = url;
+    el.downloadMain.download = `foley-${shortId}.mp4`;
+    el.downloadMain.textContent = "Download video (MP4)";
+    el.downloadMain.hidden = false;
+    if (audioBlob) {
+      const ext = extensionOf(audioBlob, "wav");
+      el.downloadAudio.href = objectUrl(audioBlob);
+      el.downloadAudio.download = `foley-${shortId}.${ext}`;
+      el.downloadAudio.textContent = `Download audio (${ext.toUpperCase()})`;
+      el.downloadAudio.hidden = false;
+    }
+  } else {
+    const ext = extensionOf(audioBlob, job.output || "wav");
+    const url = objectUrl(audioBlob);
+    el.resultAudio.src = url;
+    el.resultAudio.hidden = false;
+    el.downloadMain.href = url;
+    el.downloadMain.download = `foley-${shortId}.${ext}`;
+    el.downloadMain.textContent = `Download audio (${ext.toUpperCase()})`;
+    el.downloadMain.hidden = false;
+  }
+
+  if (job.prompt !== undefined) metaRow("Prompt", job.prompt || "(none)");
+  const seed = state.submitted.get(job.id) ?? jobSeed(job);  // the typed string is exact; JSON numbers may not be
+  if (seed !== null) {
+    metaRow("Seed", String(seed));
+    state.lastSeed = seed;
+    el.reuseSeed.hidden = false;
+  }
+  metaRow("Cache", job.cache_hit ? "hit: no model ran" : "miss");
+  const timings = describeTimings(job.timings);
+  if (timings) metaRow("Timings", timings);
+  if (Array.isArray(job.warnings) && job.warnings.length) metaRow("Notes", job.warnings.join(" "));
+
+  // The WAV is the cheapest thing to decode; the MP4's AAC track is the fallback.
+  await drawFromBlob(audioBlob || mainBlob, token);
+}
+
+async function drawFromBlob(blob, token) {
+  let decoded;
+  try {
+    const bytes = await blob.arrayBuffer();
+    // An offline context decodes without needing a user gesture and resamples to 48 kHz.
+    const ctx = new OfflineAudioContext(1, 1, 48000);
+    decoded = await ctx.decodeAudioData(bytes);
+  } catch (err) {
+    if (token === state.track) {
+      el.waveformCaption.textContent = `The waveform cannot be drawn: this browser could not decode the audio (${err.message || err}).`;
+    }
+    return;
+  }
+  if (token !== state.track) return;
+  const data = [];
+  for (let c = 0; c < decoded.numberOfChannels; c++) data.push(decoded.getChannelData(c));
+  let peak = 0;
+  for (const channel of data) for (let i = 0; i < channel.length; i++) peak = Math.max(peak, Math.abs(channel[i]));
+  state.audio = { data, sampleRate: decoded.sampleRate, duration: decoded.duration, peak };
+  const db = peak > 0 ? `${(20 * Math.log10(peak)).toFixed(1)} dBFS peak` : "silent";
+  metaRow("Audio", `${decoded.duration.toFixed(2)} s · ${decoded.numberOfChannels} ch · ${db}`);
+  el.waveformCaption.textContent = `Waveform, ${decoded.duration.toFixed(2)} s; click it to seek.`;
+  drawWaveform();
+}
+
+function activePlayer() {
+  if (!el.resultVideo.hidden) return el.resultVideo;
+  if (!el.resultAudio.hidden) return el.resultAudio;
+  return null;
+}
+
+function cssColor(name, fallback) {
+  const value = getComputedStyle(el.waveform).getPropertyValue(name).trim();
+  return value || fallback;
+}
+
+// Min/max envelope per pixel column: every sample counts, so short clicks stay visible.
+function drawWaveform() {
+  const canvas = el.waveform;
+  const audio = state.audio;
+  const dpr = window.devicePixelRatio || 1;
+  const width = Math.max(1, Math.round(canvas.clientWidth * dpr));
+  const height = Math.max(1, Math.round(canvas.clientHeight * dpr));
+  if (canvas.width !== width) canvas.width = width;
+  if (canvas.height !== height) canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, width, height);
+  if (!audio) return;
+  const axis = Math.round(14 * dpr);
+  const plot = height - axis;
+  const mid = plot / 2;
+  const length = audio.data[0].length;
+  const perColumn = length / width;
+
+  ctx.fillStyle = cssColor("--wave", "#3b82f6");
+  for (let x = 0; x < width; x++) {
+    const start = Math.floor(x * perColumn);
+    const end = Math.max(start + 1, Math.floor((x + 1) * perColumn));
+    let lo = 1;
+    let hi = -1;
+    for (const channel of audio.data) {
+      for (let i = start; i < end && i < length; i++) {
+        const v = channel[i];
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+    }
+    if (hi < lo) continue;
+    const top = mid - Math.min(1, hi) * mid;
+    const bottom = mid - Math.max(-1, lo) * mid;
+    ctx.fillRect(x, top, 1, Math.max(1, bottom - top));
+  }
+
+  // Time axis: a tick per second, labelled every second or every few for long clips.
+  ctx.fillStyle = cssColor("--axis", "#6b7280");
+  ctx.font = `${Math.round(10 * dpr)}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  const every = audio.duration > 20 ? 5 : audio.duration > 8 ? 2 : 1;
+  for (let t = 0; t <= audio.duration + 1e-6; t += 1) {
+    const x = Math.min(width - 1, Math.round((t / audio.duration) * width));
+    ctx.fillRect(x, plot, Math.max(1, dpr), Math.round(4 * dpr));
+    if (t % every === 0 && x < width - 20 * dpr) ctx.fillText(`${t}s`, x + 2 * dpr, plot + 2 * dpr);
+  }
+
+  const player = activePlayer();
+  if (player && Number.isFinite(player.currentTime) && audio.duration > 0) {
+    const x = Math.round((player.currentTime / audio.duration) * width);
+    ctx.fillStyle = cssColor("--playhead", "#ef4444");
+    ctx.fillRect(Math.min(width - Math.max(1, dpr), x), 0, Math.max(1, dpr), plot);
+  }
+  canvas.dataset.drawn = "true";
+}
+
+let frame = 0;
+function followPlayhead() {
+  cancelAnimationFrame(frame);
+  const player = activePlayer();
+  drawWaveform();
+  if (player && !player.paused && !player.ended) frame = requestAnimationFrame(followPlayhead);
+}
+
+for (const player of [el.resultVideo, el.resultAudio]) {
+  for (const type of ["play", "seeked", "pause", "ended"]) player.addEventListener(type, followPlayhead);
+}
+
+el.waveform.addEventListener("click", (e) => {
+  const player = activePlayer();
+  if (!player || !state.audio) return;
+  const rect = el.waveform.getBoundingClientRect();
+  const fraction = Math.min(1, Math.max(0, (e.clientX - rect.left) / rect.width));
+  player.currentTime = fraction * state.audio.duration;
+  followPlayhead();
+});
+
+let resizeTimer = 0;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(drawWaveform, 100);
+});
+
+// ---------------------------------------------------------------------------------------------
+// recent jobs
+
+function formatTime(value) {
+  if (value === null || value === undefined) return "";
+  let date;
+  if (typeof value === "number") date = new Date(value < 1e12 ? value * 1000 : value);
+  else date = new Date(value);
+  if (Number.isNaN(date.getTime())) return "";
+  const sameDay = date.toDateString() === new Date().toDateString();
+  return sameDay ? date.toLocaleTimeString() : date.toLocaleString();
+}
+
+// Existing buttons are refilled rather than replaced, so keyboard focus survives an update.
+function fillRecentButton(button, job) {
+  button.dataset.status = job.status;
+  const badge = document.createElement("span");
+  badge.className = `badge status-${job.status}`;
+  badge.textContent = job.status;
+  const prompt = document.createElement("span");
+  prompt.className = "job-prompt";
+  prompt.textContent = job.prompt ? job.prompt : "(no prompt)";
+  const when = document.createElement("span");
+  when.className = "job-time";
+  when.textContent = formatTime(job.created);
+  button.replaceChildren(badge, prompt, when);
+  if (job.cache_hit) {
+    const cache = document.createElement("span");
+    cache.className = "badge cache";
+    cache.textContent = "cache";
+    button.append(cache);
+  }
+  button.setAttribute("aria-label", `${job.status} job: ${prompt.textContent}${when.textContent ? `, ${when.textContent}` : ""}`);
+}
+
+function recentButton(id) {
+  return el.recentList.querySelector(`.job-item[data-job-id="${CSS.escape(String(id))}"]`);
+}
+
+function recentItem(job) {
+  const existing = recentButton(job.id);
+  if (existing) {
+    fillRecentButton(existing, job);
+    return existing.parentElement;
+  }
+  const li = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "job-item";
+  button.dataset.jobId = job.id;
+  button.dataset.testid = "recent-job";
+  fillRecentButton(button, job);
+  button.addEventListener("click", () => {
+    hideAlert();
+    if (job.id !== state.jobId || el.result.hidden) track(job.id);
+  });
+  li.append(button);
+  return li;
+}
+
+function markSelected() {
+  for (const button of el.recentList.querySelectorAll(".job-item")) {
+    if (button.dataset.jobId === state.jobId) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+}
+
+function updateRecentItem(job) {
+  if (recentButton(job.id)) {
+    recentItem(job);
+    markSelected();
+  } else {
+    refreshRecent();
+  }
+}
+
+let recentToken = 0;
+async function refreshRecent() {
+  const token = ++recentToken;
+  let items;
+  try {
+    const body = await (await api(`${API}?limit=${RECENT_LIMIT}`)).json();
+    items = Array.isArray(body) ? body : body.items || [];
+  } catch (err) {
+    if (token === recentToken && err.status !== 401) showError(err);
+    return;
+  }
+  if (token !== recentToken) return; // a newer refresh has already answered
+  const focused = document.activeElement;
+  el.recentList.replaceChildren(...items.map(recentItem));
+  // Re-inserting a node drops its focus; give it back to a keyboard user who was on the list.
+  if (focused && focused !== document.activeElement && el.recentList.contains(focused)) focused.focus();
+  el.recentEmpty.hidden = items.length > 0;
+  markSelected();
+}
+
+el.recentRefresh.addEventListener("click", () => {
+  hideAlert();
+  refreshRecent();
+});
+
+refreshRecent();
