@@ -108,11 +108,18 @@ class PreparedJob:
     def latent_length(self) -> int:
         return self.visual.latent_length
 
-    def batch_key(self) -> tuple[int, int, bool]:
+    def batch_key(self) -> tuple[int, int, bool, int, int]:
         """Jobs with equal keys can share one denoising loop: the model uses no attention mask over
-        audio tokens, so only equal latent lengths batch; the schedule fixes the step count; and
-        guided and unguided rows have different batch layouts."""
-        return (self.latent_length, self.request.steps, float(self.request.guidance) > 1.0)
+        audio or visual tokens, so only equal latent lengths and equal SigLIP/Synchformer token
+        counts batch (a 1.04 s clip and a 1.0 s one can share a latent length but not a frame count);
+        the schedule fixes the step count; guided and unguided rows have different batch layouts."""
+        return (
+            self.latent_length,
+            self.request.steps,
+            float(self.request.guidance) > 1.0,
+            int(self.visual.siglip.shape[1]),
+            int(self.visual.sync.shape[1]),
+        )
 
 
 @dataclass
@@ -426,7 +433,13 @@ class Engine:
         for members in groups.values():
             for start in range(0, len(members), max(1, max_batch_size)):
                 chunk = members[start : start + max(1, max_batch_size)]
-                latents = self.sample_jobs([job for _, job in chunk], progress=progress)
+                try:
+                    latents = self.sample_jobs([job for _, job in chunk], progress=progress)
+                except (RequestError, ValueError, RuntimeError) as e:
+                    log.exception("a batch of %d failed in the denoiser", len(chunk))
+                    for i, _ in chunk:
+                        results[i] = e
+                    continue
                 for (i, job), lat in zip(chunk, latents):
                     try:
                         results[i] = self.finish(job, lat)
