@@ -463,10 +463,16 @@ class Engine:
         if self.components.is_demo:
             warnings.append("demo model: random weights, the audio is noise (use --model-dir for the real model)")
         covered = audio.shape[-1] / self.sample_rate
-        if decoded.duration > covered + 0.05:
+        if decoded.duration > MAX_SECONDS + 0.05:
             warnings.append(
                 f"the video is {decoded.duration:.2f} s long but HunyuanVideo-Foley generates at most "
                 f"{MAX_SECONDS + 0.04:.2f} s: the audio covers 0-{covered:.2f} s and the rest of the video is silent"
+            )
+        elif decoded.duration > covered + 0.05:
+            # The official rule covers whole 25 fps frames at 50 latents/s, truncated: a short gap.
+            warnings.append(
+                f"the audio covers 0-{covered:.2f} s of the {decoded.duration:.2f} s video; the last "
+                f"{decoded.duration - covered:.2f} s are silent (the model's frame and latent rounding)"
             )
         files: list[Path] = []
         if request.output is not None:

@@ -1,0 +1,188 @@
+"""`foleyserve serve`: the HTTP API and web page under uvicorn.
+
+Options come from a deployment profile (``--profile realtime|batch|edge|cloud`` or a YAML path),
+then from flags, which win. The API key may also come from the FOLEYSERVE_API_KEY environment
+variable (so it stays out of shell history and process listings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from foleyserve.cli import EXIT_OK, UsageError
+from foleyserve.config import MODEL_SIZES, PRECISION_NAMES, ConfigError, EngineConfig
+
+if TYPE_CHECKING:
+    from foleyserve.server.settings import ServerConfig
+
+# Flag -> ServerConfig field, for the flags that override a profile one to one.
+_SERVER_FLAGS = {
+    "host": "host", "port": "port", "data_dir": "data_dir", "cache": "cache", "cache_dir": "cache_dir",
+    "max_batch_size": "max_batch_size", "max_wait_ms": "max_wait_ms", "max_queue": "max_queue",
+    "max_upload_mb": "max_upload_mb", "log_level": "log_level", "shutdown_grace_s": "shutdown_grace_s",
+}
+_ENGINE_FLAGS = {"model": "model", "precision": "precision", "device": "device", "siglip_dir": "siglip_dir", "clap_dir": "clap_dir"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from foleyserve.server.settings import API_KEY_ENV, LOG_LEVELS
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API and web page",
+        description=(
+            "Serve the generation API (POST /v1/generations, docs at /docs), the web page (/), "
+            "/healthz, /readyz and /metrics. A --profile sets engine and server options; flags override it."
+        ),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-dir", type=Path, help="folder with the official HunyuanVideo-Foley files")
+    src.add_argument("--demo", action="store_true", default=None, help="tiny random-weight model (output is noise; no download)")
+    p.add_argument("--profile", metavar="NAME|PATH", help="deployment profile: realtime, batch, edge, cloud, or a YAML file")
+    p.add_argument("--model", choices=MODEL_SIZES, help="which denoiser of the model folder (default xxl)")
+    p.add_argument("--precision", help=f"denoiser precision: {', '.join(PRECISION_NAMES)} (default bf16)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
+    p.add_argument("--clap-dir", type=Path, help="local laion/larger_clap_general folder (default: search)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--data-dir", type=Path, help="jobs database, uploads and results (default ./foleyserve-data)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (or set {API_KEY_ENV})")
+    p.add_argument("--cache", metavar="off|memory|disk|redis://HOST:PORT/DB", help="feature and result cache (default disk)")
+    p.add_argument("--cache-dir", type=Path, help="folder of the disk cache (default DATA_DIR/cache)")
+    p.add_argument("--max-batch-size", type=int, help="jobs per batched denoising loop")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more jobs")
+    p.add_argument("--max-queue", type=int, help="jobs waiting before new ones get 429")
+    p.add_argument("--max-upload-mb", type=float, help="largest accepted upload")
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable), e.g. https://studio.example")
+    p.add_argument("--shutdown-grace-s", type=float, help="seconds the running batch may finish in on shutdown")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
+    p.set_defaults(run=run)
+
+
+def configs_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[EngineConfig, ServerConfig]:
+    """Profile, then flags (and the API key variable) -> checked engine and server options."""
+    from foleyserve.server.settings import API_KEY_ENV, ServerConfig, check_engine_options, load_profile
+
+    environ = os.environ if environ is None else environ
+    try:
+        if args.profile:
+            engine, server = load_profile(args.profile)
+        else:
+            engine, server = EngineConfig(), ServerConfig()
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+    if args.model_dir is not None:
+        engine = replace(engine, model_dir=args.model_dir, demo=False)
+    elif args.demo:
+        engine = replace(engine, demo=True, model_dir=None)
+    engine = replace(engine, **{field: getattr(args, flag) for flag, field in _ENGINE_FLAGS.items() if getattr(args, flag) is not None})
+
+    changes = {field: getattr(args, flag) for flag, field in _SERVER_FLAGS.items() if getattr(args, flag) is not None}
+    if args.cors_origins:
+        changes["cors_origins"] = list(args.cors_origins)
+    api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV) or None
+    if api_key is not None:
+        changes["api_key"] = api_key
+    server = replace(server, **changes)
+
+    try:
+        check_engine_options(engine)
+        server.validate()
+    except ConfigError as e:
+        raise UsageError(_flag_names(str(e))) from None
+    if not engine.demo and engine.model_dir is None:
+        raise UsageError("no model given: pass --model-dir DIR (the official weights), --demo, or a profile that sets one")
+    if engine.model_dir is not None and not Path(engine.model_dir).is_dir():
+        raise UsageError(f"model folder {engine.model_dir} does not exist; pass the folder with the official HunyuanVideo-Foley files")
+    return engine, server
+
+
+def _flag_names(message: str) -> str:
+    # ServerConfig names its fields (max_batch_size); on the command line they are flags.
+    for flag in (*_SERVER_FLAGS, *_ENGINE_FLAGS):
+        message = message.replace(f"{flag} must", f"--{flag.replace('_', '-')} must", 1)
+    return message
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything, so a taken port is one clear line, not a late uvicorn error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve --host {host!r}: {e.strerror}; use an IP address such as 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port or stop the other server") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --data-dir {data_dir}: {e.strerror}; choose a writable folder") from None
+    if not os.access(data_dir, os.W_OK):
+        raise UsageError(f"--data-dir {data_dir} is not writable; choose another folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    engine_config, server_config = configs_from_args(args)
+    _check_data_dir(Path(server_config.data_dir))
+    level = server_config.log_level.upper()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("foleyserve").setLevel(level)  # cli.main quiets it for one-shot commands
+    if engine_config.demo:
+        print("foleyserve: serving the DEMO model (random weights): the audio will be noise", file=sys.stderr)
+    if not server_config.api_key and not _is_loopback(server_config.host):
+        print(f"foleyserve: warning: listening on {server_config.host} without an API key; anyone who can reach "
+              f"this port can run jobs (set FOLEYSERVE_API_KEY or --api-key)", file=sys.stderr)
+    sock = _listen(server_config.host, server_config.port)
+
+    import uvicorn
+
+    from foleyserve.server.app import create_app
+
+    app = create_app(server_config, engine_config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"foleyserve: listening on http://{shown}:{port} (API docs at /docs); "
+          f"the model loads in the background, /readyz says when it is ready", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level=server_config.log_level, timeout_graceful_shutdown=max(1, int(server_config.shutdown_grace_s) + 5),
+    ))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn has already shut down cleanly and re-raises Ctrl-C for the caller: a normal stop.
+        print("foleyserve: stopped", file=sys.stderr)
+    finally:
+        sock.close()
+    return EXIT_OK
