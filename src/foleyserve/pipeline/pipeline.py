@@ -469,10 +469,11 @@ class Engine:
                 f"{MAX_SECONDS + 0.04:.2f} s: the audio covers 0-{covered:.2f} s and the rest of the video is silent"
             )
         elif decoded.duration > covered + 0.05:
-            # The official rule covers whole 25 fps frames at 50 latents/s, truncated: a short gap.
+            # A short gap is the official frame/latent rounding; a longer one, a trimmed decode.
+            why = " (the model's frame and latent rounding)" if decoded.duration - covered < 0.2 else ""
             warnings.append(
                 f"the audio covers 0-{covered:.2f} s of the {decoded.duration:.2f} s video; the last "
-                f"{decoded.duration - covered:.2f} s are silent (the model's frame and latent rounding)"
+                f"{decoded.duration - covered:.2f} s are silent{why}"
             )
         files: list[Path] = []
         if request.output is not None:
