@@ -137,3 +137,13 @@ def test_generate_batch_isolates_a_bad_request(engine, tmp_path):
     assert isinstance(results[1], Exception) and "video" in str(results[1]).lower()
     assert results[0].waveform.shape == results[2].waveform.shape
     assert not torch.equal(results[0].waveform, results[2].waveform)
+
+
+def test_non_finite_latents_fail_loudly(monkeypatch):
+    engine = Engine.demo()
+    engine.precision = "fp16"
+    job = engine.prepare(_req(steps=1))
+    dit = engine.components.dit
+    monkeypatch.setattr(dit, "predict_flow", lambda x, t, c, cache=None: torch.full_like(x, float("inf")))
+    with pytest.raises(RuntimeError, match="non-finite.*use bf16"):
+        engine.sample_jobs([job])

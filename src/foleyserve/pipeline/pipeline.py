@@ -401,6 +401,13 @@ class Engine:
                 callback=cb,
             )
         self.last_step_cache_report = cache.report() if cache is not None else None
+        bad = [i for i in range(len(jobs)) if not bool(torch.isfinite(latents[i]).all())]
+        if bad and (keep_rows is None or any((keep_rows() or [True] * len(jobs))[i] for i in bad)):
+            # fp16's range is the usual culprit: activations past 65504 become inf, then NaN.
+            raise RuntimeError(
+                f"the denoiser produced non-finite values at precision {self.precision}"
+                + ("; fp16 overflows on some inputs: use bf16" if self.precision == "fp16" else "")
+            )
         for job in jobs:
             job.timer.records["dit"] = timer.records["dit"]
         return [latents[i : i + 1] for i in range(len(jobs))]
