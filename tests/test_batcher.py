@@ -431,3 +431,20 @@ def test_only_the_latest_finished_jobs_are_kept(engine, clips, monkeypatch):
     b.cancel(old.id)
     b.cancel(new.id)
     assert b.get(old.id) is None and b.get(new.id) is new
+
+
+def test_a_repeated_upload_hits_without_decoding_or_queueing(engine, clips, calls, memory_cache, monkeypatch, tmp_path):
+    with Batcher(engine, BatcherConfig(max_wait_ms=0), cache=memory_cache) as b:
+        first = b.submit(_req(clips.one.read_bytes(), seed=11, out=tmp_path / "a.wav"))
+        _wait_all([first])
+        decodes = []
+        original = engine.decode
+        monkeypatch.setattr(engine, "decode", lambda *a, **kw: (decodes.append(1), original(*a, **kw))[1])
+        # the same bytes, a differently spaced prompt: the normalised key matches
+        again = b.submit(_req(clips.one.read_bytes(), seed=11, out=tmp_path / "b.wav", prompt="footsteps  on gravel "))
+        assert again.status == "succeeded" and again.cache_hit  # answered inside submit()
+        other_seed = b.submit(_req(clips.one.read_bytes(), seed=12, out=tmp_path / "c.wav"))
+        _wait_all([other_seed])
+    assert decodes == [1]  # only the miss decoded
+    assert len(calls) == 2 and not other_seed.cache_hit
+    assert (tmp_path / "b.wav").read_bytes() == (tmp_path / "a.wav").read_bytes()

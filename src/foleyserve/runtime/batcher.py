@@ -73,7 +73,8 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
@@ -192,6 +193,9 @@ def _official_frame_count(seconds: int, fps: int, source_fps: int = 25) -> int:
     return n
 
 
+_SOURCE_MEMO = 4096  # videos remembered for the no-decode result-cache path
+
+
 def trim_to_whole_seconds(decoded: media.DecodedVideo) -> tuple[media.DecodedVideo, _Trim | None]:
     """The "second" length bucket: keep the frames of the clip's first floor(duration) seconds.
 
@@ -254,6 +258,9 @@ class Batcher:
         self._completions: deque[float] = deque(maxlen=_THROUGHPUT_WINDOW)
         self._batch_sizes: deque[int] = deque(maxlen=16)
         self._seq = itertools.count()
+        # Source bytes -> (frames key, frame-less decoded video, trim) of videos prepared before, so a
+        # repeated upload finds its cached result without decoding (see _fast_hit). Per process.
+        self._sources: OrderedDict[str, tuple[str, media.DecodedVideo, _Trim | None]] = OrderedDict()
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -307,6 +314,9 @@ class Batcher:
         request.validate()
         if priority not in PRIORITIES:
             raise RequestError(f"unknown priority {priority!r}: choose one of {', '.join(PRIORITIES)}")
+        fast = self._fast_hit(request)
+        if fast is not None:
+            return self._finish_fast(request, priority, job_id, *fast)
         with self._cond:
             if self._stopping:
                 raise QueueFull("the batcher is shutting down and takes no new jobs", retry_after=self._retry_after_locked())
@@ -326,6 +336,70 @@ class Batcher:
             self._jobs[job_id] = job
             self._pending.append(job)
             self._cond.notify_all()
+        return job
+
+    # -- result-cache hits without decoding -------------------------------------------------------
+
+    def _source_key(self, video: str | Path | bytes) -> str:
+        data = bytes(video) if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
+        return hashlib.sha256(data).hexdigest() + "/" + self.config.length_bucket
+
+    def _fast_hit(self, request: GenerationRequest) -> tuple[GenerationResult, _Trim | None] | None:
+        """A cached result for a video seen before, found from its bytes alone: no decode, no queue.
+        Any problem here just means the job takes the normal path."""
+        if not self._use_cache() or not self._sources:
+            return None
+        try:
+            from foleyserve.runtime.cache import CachedResult, normalise_prompt, result_key
+
+            assert self.cache is not None
+            skey = self._source_key(request.video)
+            with self._cond:
+                known = self._sources.get(skey)
+                if known is not None:
+                    self._sources.move_to_end(skey)
+            if known is None:
+                return None
+            fkey, decoded, trim = known
+            rkey = result_key(
+                fkey, normalise_prompt(request.prompt), normalise_prompt(request.negative_prompt), request.seed,
+                request.steps, float(request.guidance), self.engine.components.name, self._precision_id(),
+            )
+            hit = self.cache.get_result(rkey)
+            if not isinstance(hit, CachedResult):
+                return None
+            timer = StageTimer(self.engine.device)
+            return self.engine.write_result(request, hit.waveform, decoded, timer), trim
+        except Exception:  # noqa: BLE001 - the slow path is always correct
+            log.warning("result-cache fast path failed; the job takes the normal path", exc_info=True)
+            return None
+
+    def _remember_source(self, video: str | Path | bytes, fkey: str, decoded: media.DecodedVideo, trim: "_Trim | None") -> None:
+        try:
+            skey = self._source_key(video)
+        except OSError:
+            return
+        with self._cond:
+            self._sources[skey] = (fkey, dataclasses.replace(decoded, frames={}), trim)
+            self._sources.move_to_end(skey)
+            while len(self._sources) > _SOURCE_MEMO:
+                self._sources.popitem(last=False)
+
+    def _finish_fast(
+        self, request: GenerationRequest, priority: str, job_id: str | None, result: GenerationResult, trim: "_Trim | None"
+    ) -> Job:
+        with self._cond:
+            if job_id is None:
+                job_id = uuid.uuid4().hex
+            elif job_id in self._jobs:
+                raise RequestError(f"job id {job_id!r} is already in use; choose another or leave it out")
+            job = Job(id=job_id, request=request, priority=priority, progress=(request.steps, request.steps))
+            job._seq = next(self._seq)
+            job._trim = trim
+            job.cache_hit = True
+            job.started = time.time()
+            self._jobs[job_id] = job
+        self._end(job, "succeeded", result=self._restore(job, result))
         return job
 
     def cancel(self, job_id: str) -> bool:
@@ -467,6 +541,7 @@ class Batcher:
             assert self.cache is not None
             prompt, negative = normalise_prompt(prompt), normalise_prompt(negative)
             fkey = frames_key(decoded)
+            self._remember_source(req.video, fkey, decoded, job._trim)
             job._result_key = result_key(
                 fkey, prompt, negative, req.seed, req.steps, float(req.guidance), engine.components.name, self._precision_id()
             )
