@@ -28,3 +28,17 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE
+
+
+def load_fixture_model(path: Path, builder, **kw):
+    """Build a model from a fixture's embedded config and load its weights strictly."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    model = builder(config, **kw)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model

@@ -1,13 +1,12 @@
 """The staged pipeline and the Engine API, end to end on the demo model and with fixture weights."""
 
-import json
 
 import av
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import load_fixture_model
 from foleyserve.metrics import max_abs, rel_l2
 from foleyserve.models import build_dac, build_dit
 from foleyserve.pipeline.demo import sample_clip_path
@@ -122,11 +121,7 @@ def test_device_and_precision_errors():
 
 
 def _load(path, builder):
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = builder(config)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
+    return load_fixture_model(path, builder)
 
 
 def test_engine_with_fixture_weights_matches_official_sampling(fixtures_dir, demo_engine):

@@ -1,13 +1,12 @@
 """Precision policies: layer placement, FP8 layers against float32, policy fidelity on the fixture."""
 
-import json
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import load_fixture_model
 from foleyserve.metrics import rel_l2
 from foleyserve.models import build_dit
 from foleyserve.models.dit import tiny_config
@@ -24,12 +23,7 @@ from foleyserve.precision import (
 
 
 def _fixture_dit(fixtures_dir):
-    path = fixtures_dir / "tiny_foley_weights.safetensors"
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    dit = build_dit(config)
-    dit.load_state_dict(load_file(str(path)), strict=True)
-    return dit
+    return load_fixture_model(fixtures_dir / "tiny_foley_weights.safetensors", build_dit)
 
 
 @pytest.fixture(scope="module")

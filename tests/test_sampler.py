@@ -1,23 +1,18 @@
 """Scheduler tables and the full 4-step CFG sampling run against the official loop."""
 
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import load_fixture_model
 from foleyserve.metrics import max_abs, rel_l2
 from foleyserve.models import build_dac, build_dit
 from foleyserve.pipeline.sampler import cfg_inputs, flow_match_schedule, initial_noise, sample_latents
 
 
 def _load(path, builder, **kw):
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = builder(config, **kw)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
+    return load_fixture_model(path, builder, **kw)
 
 
 @pytest.fixture(scope="module")

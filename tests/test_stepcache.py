@@ -1,12 +1,11 @@
 """The step cache: exactness at threshold 0, skipping on slow change, per-row decisions."""
 
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import load_fixture_model
 from foleyserve.metrics import rel_l2
 from foleyserve.models import build_dit
 from foleyserve.pipeline.sampler import sample_latents
@@ -15,12 +14,7 @@ from foleyserve.pipeline.stepcache import StepCache
 
 @pytest.fixture(scope="module")
 def dit(fixtures_dir):
-    path = fixtures_dir / "tiny_foley_weights.safetensors"
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = build_dit(config)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
+    return load_fixture_model(fixtures_dir / "tiny_foley_weights.safetensors", build_dit)
 
 
 @pytest.fixture(scope="module")
