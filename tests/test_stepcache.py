@@ -93,3 +93,11 @@ def test_select_keeps_rows_state():
 def test_negative_threshold_is_refused():
     with pytest.raises(ValueError, match=">= 0"):
         StepCache(-0.1)
+
+
+def test_a_non_finite_change_recomputes():
+    cache = StepCache(0.5)
+    a = torch.ones(1, 3, 2)
+    cache.rows_to_compute(a)
+    cache.store(a, a + 1)
+    assert cache.rows_to_compute(torch.full_like(a, float("nan"))) is None

@@ -51,7 +51,7 @@ class StepCache:
         prev = self._previous
         change = (first.float() - prev.float()).abs().mean(dim=(1, 2)) / prev.float().abs().mean(dim=(1, 2)).clamp_min(1e-12)
         acc = self._accumulated + change
-        compute = acc >= self.threshold
+        compute = ~(acc < self.threshold)  # a NaN change must recompute, not skip
         self._accumulated = torch.where(compute, torch.zeros_like(acc), acc)
         n_compute = int(compute.sum())
         self.rows_skipped += batch - n_compute
