@@ -248,3 +248,10 @@ def test_serve_command_runs_uvicorn_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cost_flags_override_the_profile() -> None:
+    engine, _ = configs_from_args(parse("--profile", "cloud", "--demo", "--offload", "stage", "--step-cache", "0.05"), environ={})
+    assert (engine.precision, engine.compile, engine.offload, engine.step_cache) == ("fp8", True, "stage", 0.05)
+    engine, _ = configs_from_args(parse("--demo", "--compile"), environ={})
+    assert engine.compile is True and engine.offload == "none"

@@ -29,7 +29,10 @@ _SERVER_FLAGS = {
     "max_batch_size": "max_batch_size", "max_wait_ms": "max_wait_ms", "max_queue": "max_queue",
     "max_upload_mb": "max_upload_mb", "log_level": "log_level", "shutdown_grace_s": "shutdown_grace_s",
 }
-_ENGINE_FLAGS = {"model": "model", "precision": "precision", "device": "device", "siglip_dir": "siglip_dir", "clap_dir": "clap_dir"}
+_ENGINE_FLAGS = {
+    "model": "model", "precision": "precision", "device": "device", "siglip_dir": "siglip_dir", "clap_dir": "clap_dir",
+    "step_cache": "step_cache", "compile": "compile", "offload": "offload",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=MODEL_SIZES, help="which denoiser of the model folder (default xxl)")
     p.add_argument("--precision", help=f"denoiser precision: {', '.join(PRECISION_NAMES)} (default bf16)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--step-cache", type=float, metavar="T", help="denoiser step cache threshold, e.g. 0.05 (default off = exact)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser blocks")
+    p.add_argument("--offload", choices=("none", "stage", "sequential"), help="where weights live between stages (default none)")
     p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
     p.add_argument("--clap-dir", type=Path, help="local laion/larger_clap_general folder (default: search)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
