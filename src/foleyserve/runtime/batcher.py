@@ -160,6 +160,7 @@ class Job:
     _prepared: PreparedJob | None = field(default=None, init=False, repr=False)
     _key: tuple | None = field(default=None, init=False, repr=False)
     _result_key: str | None = field(default=None, init=False, repr=False)
+    _source_key: str | None = field(default=None, init=False, repr=False)  # hash of the upload, hashed once
     _trim: "_Trim | None" = field(default=None, init=False, repr=False)
     _cancel: bool = field(default=False, init=False, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
@@ -314,7 +315,8 @@ class Batcher:
         request.validate()
         if priority not in PRIORITIES:
             raise RequestError(f"unknown priority {priority!r}: choose one of {', '.join(PRIORITIES)}")
-        fast = self._fast_hit(request)
+        source_key = self._source_key(request.video) if self._use_cache() else None
+        fast = self._fast_hit(request, source_key)
         if fast is not None:
             return self._finish_fast(request, priority, job_id, *fast)
         with self._cond:
@@ -333,6 +335,7 @@ class Batcher:
                 )
             job = Job(id=job_id, request=request, priority=priority, progress=(0, request.steps))
             job._seq = next(self._seq)
+            job._source_key = source_key
             self._jobs[job_id] = job
             self._pending.append(job)
             self._cond.notify_all()
@@ -340,20 +343,22 @@ class Batcher:
 
     # -- result-cache hits without decoding -------------------------------------------------------
 
-    def _source_key(self, video: str | Path | bytes) -> str:
-        data = bytes(video) if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
+    def _source_key(self, video: str | Path | bytes) -> str | None:
+        try:
+            data = bytes(video) if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
+        except OSError:
+            return None  # the prepare stage reports an unreadable video
         return hashlib.sha256(data).hexdigest() + "/" + self.config.length_bucket
 
-    def _fast_hit(self, request: GenerationRequest) -> tuple[GenerationResult, _Trim | None] | None:
+    def _fast_hit(self, request: GenerationRequest, skey: str | None) -> tuple[GenerationResult, _Trim | None] | None:
         """A cached result for a video seen before, found from its bytes alone: no decode, no queue.
         Any problem here just means the job takes the normal path."""
-        if not self._use_cache() or not self._sources:
+        if skey is None or not self._use_cache() or not self._sources:
             return None
         try:
             from foleyserve.runtime.cache import CachedResult, normalise_prompt, result_key
 
             assert self.cache is not None
-            skey = self._source_key(request.video)
             with self._cond:
                 known = self._sources.get(skey)
                 if known is not None:
@@ -374,10 +379,8 @@ class Batcher:
             log.warning("result-cache fast path failed; the job takes the normal path", exc_info=True)
             return None
 
-    def _remember_source(self, video: str | Path | bytes, fkey: str, decoded: media.DecodedVideo, trim: "_Trim | None") -> None:
-        try:
-            skey = self._source_key(video)
-        except OSError:
+    def _remember_source(self, skey: str | None, fkey: str, decoded: media.DecodedVideo, trim: "_Trim | None") -> None:
+        if skey is None:
             return
         with self._cond:
             self._sources[skey] = (fkey, dataclasses.replace(decoded, frames={}), trim)
@@ -541,7 +544,7 @@ class Batcher:
             assert self.cache is not None
             prompt, negative = normalise_prompt(prompt), normalise_prompt(negative)
             fkey = frames_key(decoded)
-            self._remember_source(req.video, fkey, decoded, job._trim)
+            self._remember_source(job._source_key, fkey, decoded, job._trim)
             job._result_key = result_key(
                 fkey, prompt, negative, req.seed, req.steps, float(req.guidance), engine.components.name, self._precision_id()
             )
