@@ -12,7 +12,7 @@ the two and reproduces the official ``forward(...)["x"]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -29,10 +29,12 @@ from foleyserve.models.layers import (
     QKNorm,
     SwiGLU,
     TimestepEmbedder,
+    TapLinear,
     TokenConv1d,
-    apply_rope,
+    ln_modulate,
     nearest_exact_index,
-    rope_tables,
+    rms_rope,
+    rope_operands,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +171,9 @@ def tiny_config() -> dict[str, Any]:
 class DiTConditions:
     """Everything a denoising step needs that does not depend on the step.
 
-    Tensors have the batch layout of the model call (for CFG: unconditional rows first).
+    Tensors have the batch layout of the model call (for CFG: unconditional rows first). RoPE
+    operands are ``(cos, signed sin)`` pairs from :func:`~foleyserve.models.layers.rope_operands`,
+    already on the device, so a step makes no host-to-device copies.
     """
 
     visual: torch.Tensor  # [B, Lv, d] visual_proj(clip_feat), the visual stream's input
@@ -197,22 +201,38 @@ class DiTConditions:
     def batch_size(self) -> int:
         return self.add_sync.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "DiTConditions":
+    def select(self, rows: torch.Tensor | list[int]) -> "DiTConditions":
         """The conditions of a subset of batch rows (``rows``: long indices)."""
-        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-        return DiTConditions(
+        index = torch.as_tensor(rows, dtype=torch.long).to(self.add_sync.device)
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return replace(
+            self,
             visual=pick(self.visual),
             add_sync=pick(self.add_sync),
             text_kv=[(pick(k), pick(v)) for k, v in self.text_kv],
-            rope_audio_self=self.rope_audio_self,
-            rope_visual_self=self.rope_visual_self,
-            visual_gather=self.visual_gather,
-            rope_audio=self.rope_audio,
-            rope_visual=self.rope_visual,
             sync_tokens=pick(self.sync_tokens),
-            sync_index=self.sync_index,
             text_mask=pick(self.text_mask),
         )
+
+    # The batch-dependent tensors, in a fixed order: what a captured graph keeps static copies of.
+    def batch_tensors(self) -> list[torch.Tensor]:
+        out = [self.visual, self.add_sync]
+        for k, v in self.text_kv:
+            out += [k, v]
+        if self.sync_tokens is not None:
+            out.append(self.sync_tokens)
+        if self.text_mask is not None:
+            out.append(self.text_mask)
+        return out
+
+    def with_batch_tensors(self, tensors: list[torch.Tensor]) -> "DiTConditions":
+        """The inverse of :meth:`batch_tensors`: the same structure over other tensors."""
+        it = iter(tensors)
+        visual, add_sync = next(it), next(it)
+        text_kv = [(next(it), next(it)) for _ in self.text_kv]
+        sync_tokens = next(it) if self.sync_tokens is not None else None
+        text_mask = next(it) if self.text_mask is not None else None
+        return replace(self, visual=visual, add_sync=add_sync, text_kv=text_kv, sync_tokens=sync_tokens, text_mask=text_mask)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,25 +242,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2).reshape(b, lq, -1)
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def _ln(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
-
-
-def _rope_bcast(table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Insert the head axis so a ``[L, Dh]`` table broadcasts over token-major ``[B, L, H, Dh]``."""
-    return table[0][:, None, :], table[1][:, None, :]
-
-
 class StepCacheLike(Protocol):
     """What :meth:`FoleyDiT.predict_flow` asks of a step cache (see ``pipeline/stepcache.py``)."""
 
     residual: torch.Tensor | None
 
-    def rows_to_compute(self, first_block_out: torch.Tensor) -> torch.Tensor | None: ...
+    def rows_to_compute(self, first_block_out: torch.Tensor) -> list[int] | None: ...
 
     def store(self, first_block_out: torch.Tensor, hidden: torch.Tensor) -> None: ...
 
@@ -248,10 +255,18 @@ class StepCacheLike(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------
+#
+# Modulation tensors are ``[B, 1 or L, factor, d]`` with chunks (shift, 1 + scale, gate) per use;
+# LayerNorm + modulate is float32 on every device (``ln_modulate``); QK-norm and RoPE are one fused
+# float32 function (``rms_rope``); gated residuals are one ``addcmul``. Together they cut the eager
+# op count per step by about half, and they are what Inductor fuses into single kernels.
 
 
 class TripleStreamBlock(nn.Module):
     """Audio and visual streams: joint self-attention, cross-attention to text, per-stream MLPs."""
+
+    # Methods other than forward that callers run directly (the offload streamer wraps them too).
+    offload_entry_points = ("text_kv",)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> None:
         super().__init__()
@@ -283,62 +298,68 @@ class TripleStreamBlock(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, parts, self.num_heads, -1).unbind(2)
 
+    @staticmethod
+    def _norm_rope(norm: QKNorm, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return rms_rope(x, norm.weight, norm.eps, rope)
+
     def text_kv(self, text: torch.Tensor, rope_text: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text keys (RMS-normed, rotated over text positions) and values: independent of the step."""
         k, v = self._heads(self.text_cross_kv(text), 2)
-        k = self.text_cross_k_norm(k).to(v.dtype)
-        return apply_rope(k, *_rope_bcast(rope_text)), v
+        return self._norm_rope(self.text_cross_k_norm, k, rope_text), v
 
     def forward(
-        self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions, index: int, last: bool
+        self,
+        audio: torch.Tensor,
+        visual: torch.Tensor,
+        vec: torch.Tensor,
+        c: DiTConditions,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        last: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        a_mod = self.audio_mod(vec).unsqueeze(1).chunk(9, dim=-1)
-        v_mod = self.v_cond_mod(vec).unsqueeze(1).chunk(9, dim=-1)
+        """One block. ``last``: the model discards this block's visual outputs, so they are skipped
+        (attention rows are independent, so no audio number changes)."""
+        am = self.audio_mod(vec).unsqueeze(1)  # [B, 1, 9, d]
+        vm = self.v_cond_mod(vec).unsqueeze(1)
         n_vis = visual.shape[1]
+        nr = self._norm_rope
 
-        # (a) joint self-attention over [visual ; audio]
-        a_q, a_k, a_v = self._heads(self.audio_self_attn_qkv(_modulate(_ln(audio, 1e-6), a_mod[0], a_mod[1])), 3)
-        a_q = self.audio_self_q_norm(a_q).to(a_v.dtype)
-        a_k = self.audio_self_k_norm(a_k).to(a_v.dtype)
-        v_q, v_k, v_v = self._heads(self.v_cond_attn_qkv(_modulate(_ln(visual, 1e-6), v_mod[0], v_mod[1])), 3)
-        v_q = self.v_cond_attn_q_norm(v_q).to(v_v.dtype)
-        v_k = self.v_cond_attn_k_norm(v_k).to(v_v.dtype)
-
-        # Interleaved audio-visual RoPE: audio at even positions 2i; the official resize-interleave-
-        # resize round trip leaves visual token gather[j] in row j with position 2*m(j)+1.
-        rope_a = _rope_bcast(c.rope_audio_self)
-        rope_v = _rope_bcast(c.rope_visual_self)
-        a_q, a_k = apply_rope(a_q, *rope_a), apply_rope(a_k, *rope_a)
+        # (a) joint self-attention over [visual ; audio], interleaved RoPE: audio at positions 2i;
+        # the official resize-interleave-resize round trip leaves visual token gather[j] in row j
+        # with position 2*m(j)+1.
+        a_q, a_k, a_v = self._heads(self.audio_self_attn_qkv(ln_modulate(audio, am[:, :, 0], am[:, :, 1], 1e-6)), 3)
+        a_q = nr(self.audio_self_q_norm, a_q, c.rope_audio_self)
+        a_k = nr(self.audio_self_k_norm, a_k, c.rope_audio_self)
+        v_q, v_k, v_v = self._heads(self.v_cond_attn_qkv(ln_modulate(visual, vm[:, :, 0], vm[:, :, 1], 1e-6)), 3)
         g = c.visual_gather
-        v_k = apply_rope(v_k if g is None else v_k[:, g], *rope_v)
+        if g is not None:
+            v_q, v_k = v_q[:, g], v_k[:, g]
+        v_k = nr(self.v_cond_attn_k_norm, v_k, c.rope_visual_self)
         keys, values = torch.cat((v_k, a_k), 1), torch.cat((v_v, a_v), 1)
         if last:
-            # The model discards the last block's visual outputs, so only audio queries are needed;
-            # attention rows are independent, so this changes no audio number.
-            audio = audio + self.audio_self_proj(_sdpa(a_q, keys, values)) * a_mod[2]
+            audio = torch.addcmul(audio, self.audio_self_proj(_sdpa(a_q, keys, values)), am[:, :, 2])
         else:
-            v_q = apply_rope(v_q if g is None else v_q[:, g], *rope_v)
+            v_q = nr(self.v_cond_attn_q_norm, v_q, c.rope_visual_self)
             attn = _sdpa(torch.cat((v_q, a_q), 1), keys, values)
-            audio = audio + self.audio_self_proj(attn[:, n_vis:]) * a_mod[2]
-            visual = visual + self.v_cond_self_proj(attn[:, :n_vis]) * v_mod[2]
+            audio = torch.addcmul(audio, self.audio_self_proj(attn[:, n_vis:]), am[:, :, 2])
+            visual = torch.addcmul(visual, self.v_cond_self_proj(attn[:, :n_vis]), vm[:, :, 2])
 
         # (b) cross-attention to text; each stream rotated over its own positions
-        t_k, t_v = c.text_kv[index]
-        a_q = self.audio_cross_q_norm(self._heads(self.audio_cross_q(_modulate(_ln(audio, 1e-6), a_mod[3], a_mod[4])), 1)[0])
-        a_q = apply_rope(a_q, *_rope_bcast(c.rope_audio))
+        t_k, t_v = text_kv
+        a_q = self._heads(self.audio_cross_q(ln_modulate(audio, am[:, :, 3], am[:, :, 4], 1e-6)), 1)[0]
+        a_q = nr(self.audio_cross_q_norm, a_q, c.rope_audio)
         if last:
-            audio = audio + self.audio_cross_proj(_sdpa(a_q, t_k, t_v, c.text_mask)) * a_mod[5]
+            audio = torch.addcmul(audio, self.audio_cross_proj(_sdpa(a_q, t_k, t_v, c.text_mask)), am[:, :, 5])
         else:
-            v_q = self.v_cond_cross_q_norm(self._heads(self.v_cond_cross_q(_modulate(_ln(visual, 1e-6), v_mod[3], v_mod[4])), 1)[0])
-            v_q = apply_rope(v_q, *_rope_bcast(c.rope_visual))
+            v_q = self._heads(self.v_cond_cross_q(ln_modulate(visual, vm[:, :, 3], vm[:, :, 4], 1e-6)), 1)[0]
+            v_q = nr(self.v_cond_cross_q_norm, v_q, c.rope_visual)
             cross = _sdpa(torch.cat((v_q, a_q), 1), t_k, t_v, c.text_mask)
-            audio = audio + self.audio_cross_proj(cross[:, n_vis:]) * a_mod[5]
-            visual = visual + self.v_cond_cross_proj(cross[:, :n_vis]) * v_mod[5]
+            audio = torch.addcmul(audio, self.audio_cross_proj(cross[:, n_vis:]), am[:, :, 5])
+            visual = torch.addcmul(visual, self.v_cond_cross_proj(cross[:, :n_vis]), vm[:, :, 5])
 
         # (c) MLPs
-        audio = audio + self.audio_mlp(_modulate(_ln(audio, 1e-6), a_mod[6], a_mod[7])) * a_mod[8]
+        audio = torch.addcmul(audio, self.audio_mlp(ln_modulate(audio, am[:, :, 6], am[:, :, 7], 1e-6)), am[:, :, 8])
         if not last:
-            visual = visual + self.v_cond_mlp(_modulate(_ln(visual, 1e-6), v_mod[6], v_mod[7])) * v_mod[8]
+            visual = torch.addcmul(visual, self.v_cond_mlp(ln_modulate(visual, vm[:, :, 6], vm[:, :, 7], 1e-6)), vm[:, :, 8])
         return audio, visual
 
 
@@ -353,9 +374,16 @@ class SingleStreamBlock(nn.Module):
         self.linear_qkv = nn.Linear(d, 3 * d, bias=True)
         self.linear1 = TokenConv1d(d, d, kernel_size=3, padding=1, bias=True)
         self.linear2 = ConvMLP(d, mlp_hidden, kernel_size=3)
-        # torch's RMSNorm with eps=None (machine epsilon, fp32 compute), unlike the triple blocks.
+        # torch's RMSNorm with eps=None (machine epsilon of the input's dtype, fp32 compute),
+        # unlike the triple blocks.
         self.q_norm = nn.RMSNorm(hd)
         self.k_norm = nn.RMSNorm(hd)
+
+    def fuse(self) -> None:
+        """Inference form: the k=3 convs become tap GEMMs (w1 and w3 sharing one)."""
+        if isinstance(self.linear1, TokenConv1d):
+            self.linear1 = TapLinear.from_convs(self.linear1)
+        self.linear2.fuse()
 
     def forward(
         self,
@@ -365,19 +393,16 @@ class SingleStreamBlock(nn.Module):
         mod_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``mod_in`` is per token; with ``mod_index`` it holds distinct rows, gathered after the linear."""
-        mod = self.modulation(mod_in)
-        if mod_index is not None:
-            mod = mod[:, mod_index]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        m = self.modulation(mod_in, mod_index)  # [B, La, 6, d]
         b, n, d = x.shape
         # Official layout differs from the triple blocks: (heads, head_dim, qkv) with qkv innermost.
-        qkv = self.linear_qkv(_modulate(_ln(x, 1e-5), shift_a, scale_a)).view(b, n, self.num_heads, -1, 3)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(-1))
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-        x = x + self.linear1(out.transpose(1, 2).reshape(b, n, d)) * gate_a
-        return x + self.linear2(_modulate(_ln(x, 1e-5), shift_m, scale_m)) * gate_m
+        qkv = self.linear_qkv(ln_modulate(x, m[:, :, 0], m[:, :, 1], 1e-5)).view(b, n, self.num_heads, -1, 3)
+        q, k, v = qkv.unbind(-1)
+        eps = self.q_norm.eps if self.q_norm.eps is not None else torch.finfo(q.dtype).eps
+        q = rms_rope(q, self.q_norm.weight, eps, rope)
+        k = rms_rope(k, self.k_norm.weight, eps, rope)
+        x = torch.addcmul(x, self.linear1(_sdpa(q, k, v)), m[:, :, 2])
+        return torch.addcmul(x, self.linear2(ln_modulate(x, m[:, :, 3], m[:, :, 4], 1e-5)), m[:, :, 5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,27 +492,39 @@ class FoleyDiT(nn.Module):
         if text_lengths is not None and any(n != n_text for n in text_lengths):
             if len(text_lengths) != cond.shape[0]:
                 raise ValueError(f"text_lengths has {len(text_lengths)} entries for {cond.shape[0]} rows")
-            lengths = torch.tensor(text_lengths, device=dev)
-            text_mask = (torch.arange(n_text, device=dev)[None] < lengths[:, None])[:, None, None, :]
+            lengths = torch.tensor(text_lengths)
+            text_mask = (torch.arange(n_text)[None] < lengths[:, None])[:, None, None, :].to(dev)
 
         up = nearest_exact_index(n_vis, audio_len)  # audio row -> visual token (visual stretched to La)
         down = nearest_exact_index(audio_len, n_vis)  # visual row -> interleaved slot it is read back from
         pos_audio = torch.arange(audio_len, dtype=torch.float32)
-        rope_text = tuple(t.to(dev) for t in rope_tables(torch.arange(n_text, dtype=torch.float32), hd))
+        rope_text = rope_operands(torch.arange(n_text, dtype=torch.float32), hd, dev)
         return DiTConditions(
             visual=visual,
             add_sync=add_sync,
             text_kv=[blk.text_kv(text, rope_text) for blk in self.triple_blocks],
-            rope_audio_self=tuple(t.to(dev) for t in rope_tables(2 * pos_audio, hd)),
-            rope_visual_self=tuple(t.to(dev) for t in rope_tables(2 * down.float() + 1, hd)),
+            rope_audio_self=rope_operands(2 * pos_audio, hd, dev),
+            rope_visual_self=rope_operands(2 * down.float() + 1, hd, dev),
             # The gather is the identity for every length pair seen so far; skip its per-step copy then.
             visual_gather=None if torch.equal(up[down], torch.arange(n_vis)) else up[down].to(dev),
-            rope_audio=tuple(t.to(dev) for t in rope_tables(pos_audio, hd)),
-            rope_visual=tuple(t.to(dev) for t in rope_tables(torch.arange(n_vis, dtype=torch.float32), hd)),
+            rope_audio=rope_operands(pos_audio, hd, dev),
+            rope_visual=rope_operands(torch.arange(n_vis, dtype=torch.float32), hd, dev),
             sync_tokens=sync_tokens,
             sync_index=sync_index,
             text_mask=text_mask,
         )
+
+    def fuse_for_inference(self) -> "FoleyDiT":
+        """Inference layout of the weights: every k=3 token conv becomes a tap GEMM, and each
+        ConvMLP's w1 and w3 share one GEMM on their common input. Exact in exact arithmetic (fp32
+        agrees with the checkpoint layout to ~1e-7); the state dict no longer has the checkpoint's
+        conv keys, so load checkpoints before calling this (the engine does)."""
+        for block in self.single_blocks:
+            block.fuse()
+        for module in self.sync_in.modules():
+            if isinstance(module, ConvMLP):
+                module.fuse()
+        return self
 
     # -- per step -----------------------------------------------------------------------------
 
@@ -497,49 +534,55 @@ class FoleyDiT(nn.Module):
         """Velocity for latents ``x [B, C, La]`` at timesteps ``t [B]`` (0..1000 scale).
 
         With ``step_cache`` (see :mod:`foleyserve.pipeline.stepcache`), rows whose first-block output
-        barely changed since the last computed step reuse that step's residual of the remaining blocks.
+        barely changed since the last computed step reuse that step's residual of the remaining
+        blocks (one host sync per step, for the decision). Without it the call makes no host sync.
         """
         c = conditions
         if x.shape[-1] != c.audio_len or x.shape[0] != c.batch_size:
             raise ValueError(
                 f"latents {tuple(x.shape)} do not match the prepared conditions (batch {c.batch_size}, length {c.audio_len})"
             )
-        vec = self.time_in(t)
-        audio = self.audio_embedder(x) + c.add_sync
-        visual = c.visual
-        n = len(self.triple_blocks)
-        audio, visual = self.triple_blocks[0](audio, visual, vec, c, 0, last=n == 1)
+        audio, visual, vec = self.first_block(x, t, c)
         if step_cache is None:
-            return self._finish_blocks(audio, visual, vec, c)
+            return self.head(self.rest_blocks(audio, visual, vec, c))
         rows = step_cache.rows_to_compute(audio)
         if rows is None:  # every row computes: the exact uncached path
-            hidden = self._rest_blocks(audio, visual, vec, c)
-        elif rows.numel() == 0:
+            hidden = self.rest_blocks(audio, visual, vec, c)
+        elif len(rows) == 0:
             hidden = audio + step_cache.residual
         else:
-            part = self._rest_blocks(audio[rows], visual[rows], vec[rows], c.select(rows))
+            index = torch.tensor(rows, device=audio.device)
+            part = self.rest_blocks(audio[index], visual[index], vec[index], c.select(index))
             hidden = audio + step_cache.residual
-            hidden[rows] = part
+            hidden[index] = part
         step_cache.store(audio, hidden)
+        return self.head(hidden)
+
+    def first_block(self, x: torch.Tensor, t: torch.Tensor, c: DiTConditions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings and the first triple block: ``(audio, visual, vec)`` for :meth:`rest_blocks`."""
+        vec = self.time_in(t)
+        audio = self.audio_embedder(x) + c.add_sync
+        n = len(self.triple_blocks)
+        audio, visual = self.triple_blocks[0](audio, c.visual, vec, c, c.text_kv[0], last=n == 1)
+        return audio, visual, vec
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final layer: the audio stream ``[B, La, d]`` -> velocity ``[B, C, La]``."""
         return self.final_layer(hidden).transpose(1, 2)
 
-    def _finish_blocks(self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions) -> torch.Tensor:
-        return self.final_layer(self._rest_blocks(audio, visual, vec, c)).transpose(1, 2)
-
-    def _rest_blocks(self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions) -> torch.Tensor:
+    def rest_blocks(self, audio: torch.Tensor, visual: torch.Tensor, vec: torch.Tensor, c: DiTConditions) -> torch.Tensor:
         """Every block after the first triple block; returns the audio stream before the final layer."""
         n = len(self.triple_blocks)
         for i in range(1, n):
-            audio, visual = self.triple_blocks[i](audio, visual, vec, c, i, last=i == n - 1)
+            audio, visual = self.triple_blocks[i](audio, visual, vec, c, c.text_kv[i], last=i == n - 1)
         # Per-token conditioning of the single blocks: stretched sync features plus the time vector,
         # computed on the distinct sync rows and gathered inside each block.
         if c.sync_tokens is not None and c.sync_index is not None:
             mod_in, index = c.sync_tokens + vec.unsqueeze(1), c.sync_index
         else:
             mod_in, index = c.add_sync + vec.unsqueeze(1), None
-        rope = c.rope_audio
         for block in self.single_blocks:
-            audio = block(audio, mod_in, rope, index)
+            audio = block(audio, mod_in, c.rope_audio, index)
         return audio
 
     def forward(

@@ -34,14 +34,23 @@ class QKNorm(nn.Module):
 
 
 class Modulation(nn.Module):
-    """SiLU -> Linear(d, factor*d): the adaLN shift/scale/gate producer (key ``<name>.linear``)."""
+    """SiLU -> Linear(d, factor*d): the adaLN shift/scale/gate producer (key ``<name>.linear``).
+
+    Returns ``[..., factor, d]``: chunks in (shift, scale, gate) triples, every scale already turned
+    into ``1 + scale``. The add is one in-place op on a strided view, in the linear's output dtype,
+    which is where the official ``1 + scale`` is rounded too (in bf16 under autocast). ``index``
+    gathers token rows after the add (the single blocks' modulation runs on distinct sync rows).
+    """
 
     def __init__(self, hidden_size: int, factor: int) -> None:
         super().__init__()
+        self.factor = factor
         self.linear = nn.Linear(hidden_size, factor * hidden_size, bias=True)
 
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.silu(c))
+    def forward(self, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        mod = self.linear(F.silu(c)).unflatten(-1, (self.factor, -1))
+        mod[..., 1::3, :] += 1
+        return mod if index is None else mod[:, index]
 
 
 class MLP(nn.Module):
@@ -70,10 +79,88 @@ class SwiGLU(nn.Module):
 
 
 class TokenConv1d(nn.Conv1d):
-    """A Conv1d over the token axis of a token-major ``[B, L, C]`` tensor."""
+    """A Conv1d over the token axis of a token-major ``[B, L, C]`` tensor.
+
+    This is the checkpoint's form; :func:`fuse_for_inference` swaps it for a :class:`TapLinear`,
+    which needs no transposed copy of its input.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def tap_weight(conv: nn.Conv1d) -> torch.Tensor:
+    """``[Cout, Cin, k]`` -> ``[k*Cout, Cin]``, tap-major: row block ``j`` multiplies ``x[t + j - k//2]``."""
+    return conv.weight.detach().permute(2, 0, 1).reshape(-1, conv.in_channels)
+
+
+def shifted_tap_sum(p: torch.Tensor, kernel_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[t] = sum_j P_j[t + j - k//2]`` (zero outside) for tap products ``p [B, L, k*C]``.
+
+    The sum is taken in float32 and rounded once to ``p.dtype``, as a convolution accumulates; the
+    shift happens after the per-token product, so per-token activation scales (FP8) stay exact.
+    """
+    b, n, _ = p.shape
+    taps = p.view(b, n, kernel_size, -1)
+    half = kernel_size // 2
+    y = taps[:, :, half].float()
+    for j in range(kernel_size):
+        off = j - half
+        if off < 0:
+            y[:, -off:] += taps[:, : n + off, j]
+        elif off > 0:
+            y[:, : n - off] += taps[:, off:, j]
+    if bias is not None:
+        y += bias
+    return y.to(p.dtype)
+
+
+class TapLinear(nn.Module):
+    """A stride-1 'same' token convolution as ONE GEMM with ``N = k*Cout`` plus a shifted add.
+
+    Replaces :class:`TokenConv1d` for inference (exact in exact arithmetic). Several convolutions
+    of the same input can share it by stacking their weights per tap (``SwiGLU``'s w1 and w3).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_convs(cls, *convs: nn.Conv1d) -> "TapLinear":
+        """One tap GEMM for convs of the same input; output channels concatenated in ``convs`` order."""
+        k = convs[0].kernel_size[0]
+        for conv in convs:
+            if conv.stride != (1,) or conv.dilation != (1,) or conv.groups != 1 or conv.padding != (k // 2,) or k % 2 == 0:
+                raise ValueError(f"only stride-1, odd-kernel 'same' convs become tap GEMMs; got {conv}")
+            if conv.kernel_size[0] != k or conv.in_channels != convs[0].in_channels:
+                raise ValueError("convs sharing one tap GEMM need the same kernel size and input channels")
+        # [k, sum(Cout), Cin]: for each tap, every conv's rows.
+        w = torch.cat([conv.weight.detach().permute(2, 0, 1) for conv in convs], dim=1)
+        biases = [conv.bias for conv in convs]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device)
+             for b, c in zip(biases, convs)]
+        )
+        return cls(w.reshape(-1, convs[0].in_channels).contiguous(), bias, k)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] // self.kernel_size
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, taps={self.kernel_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        return shifted_tap_sum(F.linear(x, self.weight), self.kernel_size, self.bias)
 
 
 def conv_mlp_hidden(hidden: int, multiple_of: int = 256) -> int:
@@ -83,7 +170,10 @@ def conv_mlp_hidden(hidden: int, multiple_of: int = 256) -> int:
 
 
 class ConvMLP(nn.Module):
-    """SwiGLU whose three projections are bias-free Conv1d over tokens (kernel 1 or 3)."""
+    """SwiGLU whose three projections are bias-free Conv1d over tokens (kernel 1 or 3).
+
+    After :meth:`fuse` (inference), w1 and w3 run as one tap GEMM ``w13`` on the shared input.
+    """
 
     def __init__(self, dim: int, nominal_hidden: int, kernel_size: int) -> None:
         super().__init__()
@@ -93,7 +183,18 @@ class ConvMLP(nn.Module):
         self.w2 = TokenConv1d(hidden, dim, kernel_size, padding=pad, bias=False)
         self.w3 = TokenConv1d(dim, hidden, kernel_size, padding=pad, bias=False)
 
+    def fuse(self) -> None:
+        """Replace w1/w3 by one tap GEMM ``w13`` and w2 by a :class:`TapLinear` (frees the originals)."""
+        if hasattr(self, "w13"):
+            return
+        self.w13 = TapLinear.from_convs(self.w1, self.w3)
+        self.w2 = TapLinear.from_convs(self.w2)
+        del self.w1, self.w3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "w13"):
+            h1, h3 = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(h1) * h3)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -114,7 +215,8 @@ class TimestepEmbedder(nn.Module):
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """cos-first sinusoid of (fractional) timesteps on the 0..1000 scale, in fp32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    # Built on t's device: a host table would be a host-to-device copy on every step.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -179,12 +281,46 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
     return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
 
 
+def rope_operands(positions: torch.Tensor, head_dim: int, device: torch.device | str, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables :func:`rope_fp32` takes: ``cos`` and the sign-folded ``sin`` (``-sin`` on even
+    channels), shaped ``[L, 1, Dh]`` to broadcast over token-major ``[B, L, H, Dh]``."""
+    cos, sin = rope_tables(positions, head_dim, theta)
+    sin = sin.clone()
+    sin[:, 0::2].neg_()
+    return cos[:, None].to(device), sin[:, None].to(device)
+
+
+def rope_fp32(xf: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of float32 ``xf``: ``(x0, x1) -> (x0 c - x1 s, x1 c + x0 s)``."""
+    swapped = torch.stack((xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
+    return torch.addcmul(xf * cos, swapped, sin_signed)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x [..., L, D]`` (tables ``[L, D]`` broadcast), in fp32."""
+    """Rotate adjacent channel pairs of ``x [..., L, D]`` (plain tables ``[L, D]`` broadcast), in fp32."""
     xf = x.float()
     pairs = xf.reshape(*xf.shape[:-1], -1, 2)
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return (xf * cos + rotated * sin).type_as(x)
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """QK-norm and RoPE fused: RMS-normalise over the head dim in fp32, apply the gain, rotate,
+    and round to ``x.dtype`` once (the official code rounds after the norm and again after RoPE;
+    in fp32 the two are the same arithmetic). ``rope`` comes from :func:`rope_operands`."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return rope_fp32(xf, *rope).to(x.dtype)
+
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 on every device (``scale1`` is ``1 + scale``).
+
+    Explicit because autocast disagrees between devices: CUDA autocast runs layer_norm in fp32
+    (and the modulate then promotes to fp32, the official GPU numerics) while CPU autocast keeps a
+    bf16 input in bf16. The consumer (a Linear under autocast) rounds the result once.
+    """
+    return torch.addcmul(shift, F.layer_norm(x.float(), (x.shape[-1],), eps=eps), scale1)
 
 
 def nearest_exact_index(src_len: int, dst_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
