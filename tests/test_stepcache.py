@@ -64,7 +64,7 @@ def test_decisions_are_per_row():
     b = a.clone()
     b[1] *= 2  # row 1 moves a lot, row 0 not at all
     rows = cache.rows_to_compute(b)
-    assert rows.tolist() == [1]
+    assert rows == [1]
     hidden = b + cache.residual
     hidden[1] = 7.0
     cache.store(b, hidden)
@@ -73,12 +73,12 @@ def test_decisions_are_per_row():
     # small changes accumulate until they cross the threshold
     c = b.clone()
     c[0] *= 1.06  # 6 % change, under the threshold; row 1 unchanged
-    assert cache.rows_to_compute(c).tolist() == []
+    assert cache.rows_to_compute(c) == []
     assert cache.calls_skipped == 1
     cache.store(c, c + cache.residual)
     d = c.clone()
     d[0] *= 1.06  # another ~6 %: the sum crosses 10 %
-    assert cache.rows_to_compute(d).tolist() == [0]
+    assert cache.rows_to_compute(d) == [0]
 
 
 def test_select_keeps_rows_state():

@@ -32,6 +32,10 @@ class EngineConfig:
     keep_fp32: list[str] | None = None
     step_cache: float | None = None  # threshold; None = off (exact)
     compile: bool = False
+    # With compile: a file of saved compile artifacts (loaded at start, rewritten after warm-up),
+    # and how many shape buckets keep a compiled step / captured CUDA graph.
+    compile_cache: Path | None = None
+    max_graphs: int = 8
     offload: str = "none"
     siglip_dir: Path | None = None
     clap_dir: Path | None = None
@@ -46,6 +50,8 @@ class EngineConfig:
             raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODEL_SIZES)}")
         if self.step_cache is not None and not float(self.step_cache) >= 0:
             raise ConfigError(f"step_cache must be a threshold >= 0 or null, got {self.step_cache!r}")
+        if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise ConfigError(f"max_graphs must be a whole number >= 1, got {self.max_graphs!r}")
         if not self.demo and self.model_dir is None:
             raise ConfigError("no model given: set model_dir (the official weights) or demo: true")
         return self
@@ -57,7 +63,7 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         v = dict(values)
-        for key in ("model_dir", "siglip_dir", "clap_dir"):
+        for key in ("model_dir", "siglip_dir", "clap_dir", "compile_cache"):
             if v.get(key) is not None:
                 v[key] = Path(v[key])
         return cls(**v)

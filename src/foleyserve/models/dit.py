@@ -214,25 +214,39 @@ class DiTConditions:
             text_mask=pick(self.text_mask),
         )
 
-    # The batch-dependent tensors, in a fixed order: what a captured graph keeps static copies of.
-    def batch_tensors(self) -> list[torch.Tensor]:
+    def structure(self) -> tuple[int, bool, bool, bool, bool]:
+        """The number of triple blocks and which optional tensors exist: what, with
+        :meth:`tensors`, rebuilds the conditions (:meth:`from_tensors`), and part of a compiled
+        step's bucket. Plain values only, so a compiled function can close over it."""
+        optional = (self.visual_gather, self.sync_tokens, self.sync_index, self.text_mask)
+        return (len(self.text_kv), *(t is not None for t in optional))  # type: ignore[return-value]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in a fixed order: what a compiled step takes as inputs and a captured
+        graph keeps static copies of (the per-length tables too, so a new request's equal tables
+        are copied rather than baked in)."""
         out = [self.visual, self.add_sync]
         for k, v in self.text_kv:
             out += [k, v]
-        if self.sync_tokens is not None:
-            out.append(self.sync_tokens)
-        if self.text_mask is not None:
-            out.append(self.text_mask)
+        for table in (self.rope_audio_self, self.rope_visual_self, self.rope_audio, self.rope_visual):
+            out += list(table)
+        out += [t for t in (self.visual_gather, self.sync_tokens, self.sync_index, self.text_mask) if t is not None]
         return out
 
-    def with_batch_tensors(self, tensors: list[torch.Tensor]) -> "DiTConditions":
-        """The inverse of :meth:`batch_tensors`: the same structure over other tensors."""
+    @classmethod
+    def from_tensors(cls, structure: tuple[int, bool, bool, bool, bool], tensors: list[torch.Tensor]) -> "DiTConditions":
+        """The inverse of :meth:`tensors` for a :meth:`structure`."""
+        n_blocks, *present = structure
         it = iter(tensors)
         visual, add_sync = next(it), next(it)
-        text_kv = [(next(it), next(it)) for _ in self.text_kv]
-        sync_tokens = next(it) if self.sync_tokens is not None else None
-        text_mask = next(it) if self.text_mask is not None else None
-        return replace(self, visual=visual, add_sync=add_sync, text_kv=text_kv, sync_tokens=sync_tokens, text_mask=text_mask)
+        text_kv = [(next(it), next(it)) for _ in range(n_blocks)]
+        tables = [(next(it), next(it)) for _ in range(4)]
+        opt = [next(it) if p else None for p in present]
+        return cls(
+            visual=visual, add_sync=add_sync, text_kv=text_kv,
+            rope_audio_self=tables[0], rope_visual_self=tables[1], rope_audio=tables[2], rope_visual=tables[3],
+            visual_gather=opt[0], sync_tokens=opt[1], sync_index=opt[2], text_mask=opt[3],
+        )
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,6 +254,17 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     b, _, lq, _ = out.shape
     return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+def _act_dtype(layer: nn.Module) -> torch.dtype:
+    """The input dtype a projection computes in: its weights' (bf16 under the bf16 policy), or
+    the output dtype of a float8 layer, which quantises from it."""
+    out = getattr(layer, "out_dtype", None)
+    if out is not None:
+        return out
+    for p in layer.parameters():
+        return p.dtype
+    return torch.float32
 
 
 class StepCacheLike(Protocol):
@@ -302,6 +327,18 @@ class TripleStreamBlock(nn.Module):
     def _norm_rope(norm: QKNorm, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return rms_rope(x, norm.weight, norm.eps, rope)
 
+    def _qk_norm_rope(self, qkv: torch.Tensor, q_norm: QKNorm, k_norm: QKNorm, rope: tuple[torch.Tensor, torch.Tensor],
+                      gather: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split a fused qkv projection; q and k are normed and rotated in ONE pass (stacked gains)."""
+        b, n, _ = qkv.shape
+        parts = qkv.view(b, n, 3, self.num_heads, -1)
+        qk, v = parts[:, :, :2], parts[:, :, 2]
+        if gather is not None:
+            qk = qk[:, gather]
+        weight = torch.stack((q_norm.weight, k_norm.weight)).unsqueeze(1)  # [2, 1, Dh]
+        qk = rms_rope(qk, weight, q_norm.eps, rope)
+        return qk[:, :, 0], qk[:, :, 1], v
+
     def text_kv(self, text: torch.Tensor, rope_text: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text keys (RMS-normed, rotated over text positions) and values: independent of the step."""
         k, v = self._heads(self.text_cross_kv(text), 2)
@@ -322,44 +359,44 @@ class TripleStreamBlock(nn.Module):
         vm = self.v_cond_mod(vec).unsqueeze(1)
         n_vis = visual.shape[1]
         nr = self._norm_rope
+        dt = _act_dtype(self.audio_self_attn_qkv)
 
         # (a) joint self-attention over [visual ; audio], interleaved RoPE: audio at positions 2i;
         # the official resize-interleave-resize round trip leaves visual token gather[j] in row j
         # with position 2*m(j)+1.
-        a_q, a_k, a_v = self._heads(self.audio_self_attn_qkv(ln_modulate(audio, am[:, :, 0], am[:, :, 1], 1e-6)), 3)
-        a_q = nr(self.audio_self_q_norm, a_q, c.rope_audio_self)
-        a_k = nr(self.audio_self_k_norm, a_k, c.rope_audio_self)
-        v_q, v_k, v_v = self._heads(self.v_cond_attn_qkv(ln_modulate(visual, vm[:, :, 0], vm[:, :, 1], 1e-6)), 3)
-        g = c.visual_gather
-        if g is not None:
-            v_q, v_k = v_q[:, g], v_k[:, g]
-        v_k = nr(self.v_cond_attn_k_norm, v_k, c.rope_visual_self)
+        a_q, a_k, a_v = self._qk_norm_rope(
+            self.audio_self_attn_qkv(ln_modulate(audio, am[:, :, 0], am[:, :, 1], 1e-6, dt)),
+            self.audio_self_q_norm, self.audio_self_k_norm, c.rope_audio_self,
+        )
+        v_q, v_k, v_v = self._qk_norm_rope(
+            self.v_cond_attn_qkv(ln_modulate(visual, vm[:, :, 0], vm[:, :, 1], 1e-6, dt)),
+            self.v_cond_attn_q_norm, self.v_cond_attn_k_norm, c.rope_visual_self, c.visual_gather,
+        )
         keys, values = torch.cat((v_k, a_k), 1), torch.cat((v_v, a_v), 1)
         if last:
             audio = torch.addcmul(audio, self.audio_self_proj(_sdpa(a_q, keys, values)), am[:, :, 2])
         else:
-            v_q = nr(self.v_cond_attn_q_norm, v_q, c.rope_visual_self)
             attn = _sdpa(torch.cat((v_q, a_q), 1), keys, values)
             audio = torch.addcmul(audio, self.audio_self_proj(attn[:, n_vis:]), am[:, :, 2])
             visual = torch.addcmul(visual, self.v_cond_self_proj(attn[:, :n_vis]), vm[:, :, 2])
 
         # (b) cross-attention to text; each stream rotated over its own positions
         t_k, t_v = text_kv
-        a_q = self._heads(self.audio_cross_q(ln_modulate(audio, am[:, :, 3], am[:, :, 4], 1e-6)), 1)[0]
+        a_q = self._heads(self.audio_cross_q(ln_modulate(audio, am[:, :, 3], am[:, :, 4], 1e-6, dt)), 1)[0]
         a_q = nr(self.audio_cross_q_norm, a_q, c.rope_audio)
         if last:
             audio = torch.addcmul(audio, self.audio_cross_proj(_sdpa(a_q, t_k, t_v, c.text_mask)), am[:, :, 5])
         else:
-            v_q = self._heads(self.v_cond_cross_q(ln_modulate(visual, vm[:, :, 3], vm[:, :, 4], 1e-6)), 1)[0]
+            v_q = self._heads(self.v_cond_cross_q(ln_modulate(visual, vm[:, :, 3], vm[:, :, 4], 1e-6, dt)), 1)[0]
             v_q = nr(self.v_cond_cross_q_norm, v_q, c.rope_visual)
             cross = _sdpa(torch.cat((v_q, a_q), 1), t_k, t_v, c.text_mask)
             audio = torch.addcmul(audio, self.audio_cross_proj(cross[:, n_vis:]), am[:, :, 5])
             visual = torch.addcmul(visual, self.v_cond_cross_proj(cross[:, :n_vis]), vm[:, :, 5])
 
         # (c) MLPs
-        audio = torch.addcmul(audio, self.audio_mlp(ln_modulate(audio, am[:, :, 6], am[:, :, 7], 1e-6)), am[:, :, 8])
+        audio = torch.addcmul(audio, self.audio_mlp(ln_modulate(audio, am[:, :, 6], am[:, :, 7], 1e-6, dt)), am[:, :, 8])
         if not last:
-            visual = torch.addcmul(visual, self.v_cond_mlp(ln_modulate(visual, vm[:, :, 6], vm[:, :, 7], 1e-6)), vm[:, :, 8])
+            visual = torch.addcmul(visual, self.v_cond_mlp(ln_modulate(visual, vm[:, :, 6], vm[:, :, 7], 1e-6, dt)), vm[:, :, 8])
         return audio, visual
 
 
@@ -396,13 +433,14 @@ class SingleStreamBlock(nn.Module):
         m = self.modulation(mod_in, mod_index)  # [B, La, 6, d]
         b, n, d = x.shape
         # Official layout differs from the triple blocks: (heads, head_dim, qkv) with qkv innermost.
-        qkv = self.linear_qkv(ln_modulate(x, m[:, :, 0], m[:, :, 1], 1e-5)).view(b, n, self.num_heads, -1, 3)
-        q, k, v = qkv.unbind(-1)
-        eps = self.q_norm.eps if self.q_norm.eps is not None else torch.finfo(q.dtype).eps
-        q = rms_rope(q, self.q_norm.weight, eps, rope)
-        k = rms_rope(k, self.k_norm.weight, eps, rope)
-        x = torch.addcmul(x, self.linear1(_sdpa(q, k, v)), m[:, :, 2])
-        return torch.addcmul(x, self.linear2(ln_modulate(x, m[:, :, 3], m[:, :, 4], 1e-5)), m[:, :, 5])
+        dt = _act_dtype(self.linear_qkv)
+        qkv = self.linear_qkv(ln_modulate(x, m[:, :, 0], m[:, :, 1], 1e-5, dt)).view(b, n, self.num_heads, -1, 3)
+        # q and k normed and rotated in one pass: [B, L, 2, H, Dh] with stacked gains.
+        qk, v = qkv[..., :2].movedim(-1, 2), qkv[..., 2]
+        eps = self.q_norm.eps if self.q_norm.eps is not None else torch.finfo(qkv.dtype).eps
+        qk = rms_rope(qk, torch.stack((self.q_norm.weight, self.k_norm.weight)).unsqueeze(1), eps, rope)
+        x = torch.addcmul(x, self.linear1(_sdpa(qk[:, :, 0], qk[:, :, 1], v)), m[:, :, 2])
+        return torch.addcmul(x, self.linear2(ln_modulate(x, m[:, :, 3], m[:, :, 4], 1e-5, _act_dtype(self.linear2))), m[:, :, 5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +480,11 @@ class FoleyDiT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.audio_embedder.proj.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in: the precision policy's autocast dtype, else the weights'."""
+        return getattr(self, "autocast_dtype", None) or self.dtype
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -529,38 +572,47 @@ class FoleyDiT(nn.Module):
     # -- per step -----------------------------------------------------------------------------
 
     def predict_flow(
-        self, x: torch.Tensor, t: torch.Tensor, conditions: DiTConditions, step_cache: "StepCacheLike | None" = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        conditions: DiTConditions,
+        step_cache: "StepCacheLike | None" = None,
+        parts: "tuple[Any, Any, Any] | None" = None,
     ) -> torch.Tensor:
         """Velocity for latents ``x [B, C, La]`` at timesteps ``t [B]`` (0..1000 scale).
 
         With ``step_cache`` (see :mod:`foleyserve.pipeline.stepcache`), rows whose first-block output
         barely changed since the last computed step reuse that step's residual of the remaining
         blocks (one host sync per step, for the decision). Without it the call makes no host sync.
+        ``parts`` replaces (:meth:`first_block`, :meth:`rest_blocks`, :meth:`head`), e.g. by compiled ones.
         """
+        first_block, rest_blocks, head = parts or (self.first_block, self.rest_blocks, self.head)
         c = conditions
         if x.shape[-1] != c.audio_len or x.shape[0] != c.batch_size:
             raise ValueError(
                 f"latents {tuple(x.shape)} do not match the prepared conditions (batch {c.batch_size}, length {c.audio_len})"
             )
-        audio, visual, vec = self.first_block(x, t, c)
+        audio, visual, vec = first_block(x, t, c)
         if step_cache is None:
-            return self.head(self.rest_blocks(audio, visual, vec, c))
+            return head(rest_blocks(audio, visual, vec, c))
         rows = step_cache.rows_to_compute(audio)
         if rows is None:  # every row computes: the exact uncached path
-            hidden = self.rest_blocks(audio, visual, vec, c)
+            hidden = rest_blocks(audio, visual, vec, c)
         elif len(rows) == 0:
             hidden = audio + step_cache.residual
         else:
             index = torch.tensor(rows, device=audio.device)
-            part = self.rest_blocks(audio[index], visual[index], vec[index], c.select(index))
+            part = rest_blocks(audio[index], visual[index], vec[index], c.select(index))
             hidden = audio + step_cache.residual
             hidden[index] = part
         step_cache.store(audio, hidden)
-        return self.head(hidden)
+        return head(hidden)
 
     def first_block(self, x: torch.Tensor, t: torch.Tensor, c: DiTConditions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings and the first triple block: ``(audio, visual, vec)`` for :meth:`rest_blocks`."""
-        vec = self.time_in(t)
+        # The time vector feeds every modulation; cast it once per step to the dtype they compute in
+        # (with time_in kept in fp32 each modulation's autocast would otherwise cast it again).
+        vec = self.time_in(t).to(self.compute_dtype)
         audio = self.audio_embedder(x) + c.add_sync
         n = len(self.triple_blocks)
         audio, visual = self.triple_blocks[0](audio, c.visual, vec, c, c.text_kv[0], last=n == 1)
@@ -581,6 +633,7 @@ class FoleyDiT(nn.Module):
             mod_in, index = c.sync_tokens + vec.unsqueeze(1), c.sync_index
         else:
             mod_in, index = c.add_sync + vec.unsqueeze(1), None
+        mod_in = mod_in.to(self.compute_dtype)
         for block in self.single_blocks:
             audio = block(audio, mod_in, c.rope_audio, index)
         return audio

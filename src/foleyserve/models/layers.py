@@ -49,7 +49,7 @@ class Modulation(nn.Module):
 
     def forward(self, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         mod = self.linear(F.silu(c)).unflatten(-1, (self.factor, -1))
-        mod[..., 1::3, :] += 1
+        mod[..., 1::3, :].add_(1)  # not "+= 1": that adds a copy back
         return mod if index is None else mod[:, index]
 
 
@@ -106,12 +106,13 @@ def shifted_tap_sum(p: torch.Tensor, kernel_size: int, bias: torch.Tensor | None
     y = taps[:, :, half].float()
     for j in range(kernel_size):
         off = j - half
+        # .add_ on the slice, not "y[s] += ...", which Python turns into an add plus a copy back.
         if off < 0:
-            y[:, -off:] += taps[:, : n + off, j]
+            y[:, -off:].add_(taps[:, : n + off, j])
         elif off > 0:
-            y[:, : n - off] += taps[:, off:, j]
+            y[:, : n - off].add_(taps[:, off:, j])
     if bias is not None:
-        y += bias
+        y.add_(bias)
     return y.to(p.dtype)
 
 
@@ -290,10 +291,19 @@ def rope_operands(positions: torch.Tensor, head_dim: int, device: torch.device |
     return cos[:, None].to(device), sin[:, None].to(device)
 
 
-def rope_fp32(xf: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of float32 ``xf``: ``(x0, x1) -> (x0 c - x1 s, x1 c + x0 s)``."""
+def rope_fp32(xf: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate adjacent channel pairs of float32 ``xf``: ``(x0, x1) -> (x0 c - x1 s, x1 c + x0 s)``,
+    written in ``out_dtype`` (rounded once, by the last op itself rather than a separate cast)."""
     swapped = torch.stack((xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
-    return torch.addcmul(xf * cos, swapped, sin_signed)
+    return _addcmul_as(xf * cos, swapped, sin_signed, out_dtype or xf.dtype)
+
+
+def _addcmul_as(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a + b * c`` computed in float32 and written in ``dtype``: one kernel instead of two."""
+    if dtype == torch.float32:
+        return torch.addcmul(a, b, c)
+    shape = torch.broadcast_shapes(a.shape, b.shape, c.shape)
+    return torch.addcmul(a, b, c, out=torch.empty(shape, dtype=dtype, device=a.device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -307,20 +317,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """QK-norm and RoPE fused: RMS-normalise over the head dim in fp32, apply the gain, rotate,
     and round to ``x.dtype`` once (the official code rounds after the norm and again after RoPE;
-    in fp32 the two are the same arithmetic). ``rope`` comes from :func:`rope_operands`."""
+    in fp32 the two are the same arithmetic). ``rope`` comes from :func:`rope_operands`.
+    ``weight`` is ``[Dh]``, or ``[P, 1, Dh]`` to normalise P stacked parts (q and k) in one pass
+    when ``x`` is ``[B, L, P, H, Dh]``."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return rope_fp32(xf, *rope).to(x.dtype)
+    cos, sin = rope
+    if x.dim() == 5:  # [B, L, P, H, Dh]: the tables [L, 1, Dh] gain the part axis
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return rope_fp32(xf, cos, sin, x.dtype)
 
 
-def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift`` in float32 on every device (``scale1`` is ``1 + scale``).
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 on every device (``scale1`` is ``1 + scale``),
+    written in ``out_dtype`` (the consuming GEMM's input dtype), rounded once.
 
     Explicit because autocast disagrees between devices: CUDA autocast runs layer_norm in fp32
     (and the modulate then promotes to fp32, the official GPU numerics) while CPU autocast keeps a
-    bf16 input in bf16. The consumer (a Linear under autocast) rounds the result once.
+    bf16 input in bf16.
     """
-    return torch.addcmul(shift, F.layer_norm(x.float(), (x.shape[-1],), eps=eps), scale1)
+    return _addcmul_as(shift, F.layer_norm(x.float(), (x.shape[-1],), eps=eps), scale1, out_dtype)
 
 
 def nearest_exact_index(src_len: int, dst_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -26,6 +26,9 @@ from foleyserve.pipeline.features import (
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.sampler import initial_noise, sample_latents
 from foleyserve.pipeline.stepcache import StepCache
+
+if TYPE_CHECKING:
+    from foleyserve.pipeline.stepgraph import StepGraphs
 from foleyserve.pipeline.stages import StageTimer
 
 log = logging.getLogger("foleyserve")
@@ -66,17 +69,14 @@ def resolve_precision(precision: str) -> torch.dtype:
         raise RequestError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}") from None
 
 
-def compile_blocks(dit: FoleyDiT, *, cuda_graphs: bool = False) -> None:
-    """torch.compile each DiT block (regional compilation: one graph per block type, reused by every
-    block, so compiling is quick) with static shapes. Each latent length is its own specialisation,
-    compiled once when first seen and reused by every later request of that length; the limit is
-    raised so a server's set of length buckets fits. ``cuda_graphs`` also captures CUDA graphs."""
-    import torch._dynamo
+# A compiled step is one graph per shape bucket; CLAP prompts vary in token count, so with compile
+# on every prompt is padded (and masked) to CLAP's maximum instead of making a bucket per length.
+TEXT_BUCKET = 77
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    mode = "reduce-overhead" if cuda_graphs else None
-    for block in list(dit.triple_blocks) + list(dit.single_blocks):
-        block.compile(dynamic=False, mode=mode)
+
+def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero-pad the token axis of ``[B, L, C]`` to ``n`` (the caller masks the padding)."""
+    return torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[1]))
 
 
 @dataclass
@@ -134,8 +134,21 @@ class Engine:
     last_step_cache_report: dict | None = None
     policy_report: dict | None = None
     offload: str = "none"
-    compiled: bool = False
+    # The compiled step runner (pipeline/stepgraph.py) when compile is on; None runs eagerly.
+    step_graphs: "StepGraphs | None" = None
+    compile_cache: Path | None = None
     _lender: object | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Every engine runs the inference layout of the DiT (tap-GEMM convs, fused w1|w3), so the
+        # same seed gives the same numbers whichever way the engine was built.
+        fuse = getattr(self.components.dit, "fuse_for_inference", None)
+        if fuse is not None:
+            fuse()
+
+    @property
+    def compiled(self) -> bool:
+        return self.step_graphs is not None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -211,10 +224,60 @@ class Engine:
         self.offload = config.offload
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            # "fp32" means fp32: TF32 would round the fp32 policy's matmuls and convs (and the DAC,
+            # which always runs in fp32) to 10-bit mantissas. The low-precision policies are
+            # unaffected: their GEMMs are bf16/fp8 either way.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         if config.compile:
-            compile_blocks(c.dit, cuda_graphs=self.device.type == "cuda")
-            self.compiled = True
+            from foleyserve.pipeline.stepgraph import StepGraphs, load_compile_artifacts
+
+            if config.compile_cache is not None and load_compile_artifacts(config.compile_cache):
+                log.info("compile artifacts loaded from %s", config.compile_cache)
+            self.compile_cache = config.compile_cache
+            self.step_graphs = StepGraphs(max_graphs=config.max_graphs)
         return self
+
+    def warm_up(self, seconds: Iterable[float], *, batch_sizes: Iterable[int] = (1,), steps: int = 1,
+                progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+        """Compile (and on CUDA capture) the denoising step for clips of these lengths and batch
+        sizes, so the first real request of each bucket pays nothing. Returns one record per bucket
+        (seconds, batch, wall time). With ``compile_cache`` set, the artifacts are saved after.
+
+        ``progress(done, total, what)`` is called before each bucket and at the end (a server's
+        /readyz shows it).
+        """
+        import time
+
+        from foleyserve.pipeline.features import TextFeatures, VisualFeatures
+        from foleyserve.pipeline.lengths import clip_lengths
+
+        plan = [(float(s), int(b)) for s in seconds for b in batch_sizes]
+        done: list[dict] = []
+        dit = self.components.dit
+        cfg = dit.config
+        for i, (sec, batch) in enumerate(plan):
+            if progress:
+                progress(i, len(plan), f"{sec:g} s x {batch}")
+            n = clip_lengths(sec)
+            visual = VisualFeatures(
+                siglip=torch.zeros(1, n["visual_len"], cfg.clip_dim, device=self.device),
+                sync=torch.zeros(1, n["sync_len"], cfg.sync_feat_dim, device=self.device),
+                frames_25fps=n["frames_25fps"],
+            )
+            text = TextFeatures(text=torch.zeros(1, 8, cfg.condition_dim, device=self.device),
+                                uncond=torch.zeros(1, 8, cfg.condition_dim, device=self.device))
+            start = time.perf_counter()
+            self.sample(visual, text, seeds=list(range(batch)), steps=steps, guidance=4.5)
+            done.append({"seconds": sec, "batch": batch, "wall_s": round(time.perf_counter() - start, 3)})
+        if progress:
+            progress(len(plan), len(plan), "done")
+        if self.compile_cache is not None and self.step_graphs is not None:
+            from foleyserve.pipeline.stepgraph import save_compile_artifacts
+
+            save_compile_artifacts(self.compile_cache)
+        return done
 
     def _on_device(self, module: torch.nn.Module):
         """The stage lender's context for ``module`` (a no-op without offload)."""
@@ -305,16 +368,23 @@ class Engine:
         """Latents [len(seeds), 128, La] for one feature set; each row has its own seeded noise."""
         noise = torch.cat([initial_noise(1, visual.latent_length, seed=s) for s in seeds]).to(self.device)
         cb = (lambda i, n, _x: progress("denoise", i, n)) if progress else None
+        n_text = text.text.shape[1]
+        text_feat, uncond, lengths = text.text, text.uncond, None
+        if self.step_graphs is not None and n_text < TEXT_BUCKET:
+            text_feat, uncond = _pad_tokens(text_feat, TEXT_BUCKET), _pad_tokens(uncond, TEXT_BUCKET)
+            lengths = [n_text] * len(seeds)
         return sample_latents(
             self.components.dit,
             noise=noise,
             clip_feat=visual.siglip,
             sync_feat=visual.sync,
-            text_feat=text.text,
-            uncond_text_feat=text.uncond,
+            text_feat=text_feat,
+            uncond_text_feat=uncond,
             steps=steps,
             guidance_scale=guidance,
             callback=cb,
+            text_lengths=lengths,
+            runner=self.step_graphs,
         )
 
     @torch.no_grad()
@@ -377,9 +447,11 @@ class Engine:
             raise ValueError(f"jobs with different batch keys (latent length, steps, guided) cannot share a loop: {sorted(keys)}")
         first = jobs[0]
         n_text = max(job.text.text.shape[1] for job in jobs)
+        if self.step_graphs is not None:
+            n_text = max(n_text, TEXT_BUCKET)
 
         def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, 0, n_text - t.shape[1]))
+            return _pad_tokens(t, n_text)
 
         noise = torch.cat([initial_noise(1, first.latent_length, seed=job.request.seed) for job in jobs]).to(self.device)
         cache = StepCache(self.step_cache) if self.step_cache is not None else None
@@ -399,6 +471,7 @@ class Engine:
                 step_cache=cache,
                 keep_rows=keep_rows,
                 callback=cb,
+                runner=self.step_graphs,
             )
         self.last_step_cache_report = cache.report() if cache is not None else None
         bad = [i for i in range(len(jobs)) if not bool(torch.isfinite(latents[i]).all())]

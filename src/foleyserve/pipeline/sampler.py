@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -124,6 +124,36 @@ def _guidance_vector(guidance_scale: float | list[float] | torch.Tensor, batch: 
     return g
 
 
+def euler_cfg_step(
+    predict: Callable[[torch.Tensor, torch.Tensor, DiTConditions], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    dsigma: torch.Tensor,
+    conditions: DiTConditions,
+    scales: torch.Tensor,
+    guidance: bool,
+) -> torch.Tensor:
+    """One denoising step: the CFG pair in one model call, the guided velocity, the Euler update.
+
+    ``t`` and ``dsigma`` are 0-d device tensors and ``scales`` is ``[B, 1, 1]``, so the step is pure
+    tensor work: it makes no host sync and compiles (or is captured) as one graph.
+    """
+    x_in = torch.cat((x, x), 0) if guidance else x
+    velocity = predict(x_in, t.expand(x_in.shape[0]), conditions).float()
+    if guidance:
+        v_uncond, v_cond = velocity.chunk(2)
+        velocity = v_uncond + scales * (v_cond - v_uncond)
+    return x + velocity * dsigma
+
+
+class StepRunner(Protocol):
+    """Runs :func:`euler_cfg_step` for a sampler (``pipeline/stepgraph.py``: compiled, CUDA graphs)."""
+
+    def begin(self, dit: FoleyDiT, conditions: DiTConditions, scales: torch.Tensor, guidance: bool, step_cache: StepCache | None) -> None: ...
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, dsigma: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def sample_latents(
     dit: FoleyDiT,
@@ -140,6 +170,7 @@ def sample_latents(
     text_lengths: list[int] | None = None,
     step_cache: StepCache | None = None,
     keep_rows: KeepRows | None = None,
+    runner: StepRunner | None = None,
 ) -> torch.Tensor:
     """Run the official denoising loop and return the final latents ``[B, 128, La]`` (float32).
 
@@ -151,6 +182,11 @@ def sample_latents(
     each row when the text features were padded to a common length. ``keep_rows`` is asked before
     each step; rows it reports False stop being computed (their returned latents are meaningless).
     ``step_cache`` skips blocks on rows that change slowly (see :mod:`.stepcache`).
+
+    ``runner`` (see :mod:`.stepgraph`) runs each step as one compiled graph; cancelled rows then
+    keep being computed (the graph's shape is fixed) and are dropped from the result. Without a
+    step cache the loop makes no host sync: the schedule lives on the device and cancellation is
+    decided from host-side state.
     """
     batch, _, length = noise.shape
     scales = _guidance_vector(guidance_scale, batch)
@@ -175,36 +211,46 @@ def sample_latents(
         conditions: DiTConditions = dit.prepare_conditions(
             clip_feat=clip, sync_feat=sync, cond=text, audio_len=length, text_lengths=lengths
         )
-    latents = noise.to(device=dit.device, dtype=torch.float32).clone()
-    scales = scales.to(dit.device).view(batch, 1, 1)
-    sigmas = schedule.sigmas.to(dit.device)
-    alive = torch.arange(batch, device=dit.device)  # rows still computed
-    for i, t in enumerate(schedule.timesteps.to(dit.device)):
+    dev = dit.device
+    latents = noise.to(device=dev, dtype=torch.float32).clone()
+    scales = scales.to(dev).view(batch, 1, 1)
+    # The whole schedule goes to the device once; each step reads 0-d views of it.
+    timesteps = schedule.timesteps.to(dev)
+    dsigmas = (schedule.sigmas[1:] - schedule.sigmas[:-1]).to(dev)
+    alive = list(range(batch))  # rows still computed (host-side: cancellation never syncs)
+    if runner is not None:
+        runner.begin(dit, conditions, scales, guidance, step_cache)
+
+    def predict(x_in: torch.Tensor, t_in: torch.Tensor, c: DiTConditions) -> torch.Tensor:
+        return dit.predict_flow(x_in, t_in, c, step_cache)
+
+    for i in range(schedule.steps):
         if keep_rows is not None:
             wanted = keep_rows()
             if wanted is not None:
-                keep = torch.tensor([bool(wanted[r]) for r in alive.tolist()], device=dit.device)
-                if not bool(keep.all()):
-                    if not bool(keep.any()):
-                        break
-                    local = keep.nonzero().flatten()
-                    rows = torch.cat((local, local + alive.numel())) if guidance else local
+                keep = [r for r in alive if wanted[r]]
+                if not keep:
+                    break
+                if runner is None and len(keep) != len(alive):
+                    local = [alive.index(r) for r in keep]
+                    rows = local + [j + len(alive) for j in local] if guidance else local
                     conditions = conditions.select(rows)
                     if step_cache is not None:
                         step_cache.select(rows)
-                    alive = alive[local]
-        x = latents[alive] if alive.numel() != batch else latents
-        x_in = torch.cat((x, x), 0) if guidance else x
-        with _autocast_for(dit):
-            velocity = dit.predict_flow(x_in, t.repeat(x_in.shape[0]), conditions, step_cache).float()
-        if guidance:
-            v_uncond, v_cond = velocity.chunk(2)
-            velocity = v_uncond + scales[alive] * (v_cond - v_uncond)
-        x = x + velocity * (sigmas[i + 1] - sigmas[i])
-        if alive.numel() != batch:
-            latents[alive] = x
+                    alive = keep
+        if runner is not None:
+            latents = runner.step(latents, timesteps[i], dsigmas[i])
         else:
-            latents = x
+            full = len(alive) == batch
+            index = None if full else torch.tensor(alive, device=dev)
+            x = latents if full else latents[index]
+            with _autocast_for(dit):
+                x = euler_cfg_step(predict, x, timesteps[i], dsigmas[i], conditions, scales if full else scales[index], guidance)
+            if full:
+                latents = x
+            else:
+                latents[index] = x
         if callback is not None:
             callback(i + 1, schedule.steps, latents)
-    return latents
+    # A runner's output is its static buffer, which the next request overwrites.
+    return latents.clone() if runner is not None else latents

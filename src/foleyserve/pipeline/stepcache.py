@@ -34,14 +34,18 @@ class StepCache:
     rows_skipped: int = 0
     calls_skipped: int = 0  # model calls where every row reused its residual
     calls: int = 0
-    _pending_rows: torch.Tensor | None = field(default=None, repr=False)
+    _pending_rows: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.threshold >= 0:
             raise ValueError(f"step cache threshold must be >= 0, got {self.threshold}")
 
-    def rows_to_compute(self, first: torch.Tensor) -> torch.Tensor | None:
-        """Long indices of the rows to run through the remaining blocks; None means all of them."""
+    def rows_to_compute(self, first: torch.Tensor) -> list[int] | None:
+        """Rows to run through the remaining blocks; None means all of them.
+
+        The change is accumulated on the device; the decision is read back once per step (one
+        host sync, and only with the cache on), because which rows run decides the batch shape.
+        """
         batch = first.shape[0]
         self.calls += 1
         self.row_forwards += batch
@@ -53,14 +57,14 @@ class StepCache:
         acc = self._accumulated + change
         compute = ~(acc < self.threshold)  # a NaN change must recompute, not skip
         self._accumulated = torch.where(compute, torch.zeros_like(acc), acc)
-        n_compute = int(compute.sum())
-        self.rows_skipped += batch - n_compute
-        if n_compute == batch:
+        flags = compute.tolist()  # the one sync
+        rows = [i for i, c in enumerate(flags) if c]
+        self.rows_skipped += batch - len(rows)
+        if len(rows) == batch:
             self._pending_rows = None
             return None
-        if n_compute == 0:
+        if not rows:
             self.calls_skipped += 1
-        rows = compute.nonzero().flatten()
         self._pending_rows = rows
         return rows
 
@@ -69,17 +73,19 @@ class StepCache:
         if rows is None:
             self.residual = hidden - first
             self._accumulated = torch.zeros(first.shape[0], device=first.device)
-        elif rows.numel():
-            self.residual[rows] = hidden[rows] - first[rows]
+        elif rows:
+            index = torch.tensor(rows, device=first.device)
+            self.residual[index] = hidden[index] - first[index]
         self._previous = first
         self._step += 1
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these batch rows (when cancelled requests leave a running batch)."""
         for name in ("residual", "_previous", "_accumulated"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value.index_select(0, rows.to(value.device)))
+                index = torch.as_tensor(rows, dtype=torch.long).to(value.device)
+                setattr(self, name, value.index_select(0, index))
 
     @property
     def saved_fraction(self) -> float:
