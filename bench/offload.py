@@ -5,7 +5,12 @@ build the real-size networks with random weights (or the demo model), apply the 
 offload mode, run W warm-up requests and then R measured ones on the sample clip (or --video), and
 report:
 
-- peak device memory over a measured request (``torch.cuda.max_memory_allocated``; GPU only),
+- peak device memory over the measured requests: the largest per-stage peak (each pipeline stage
+  resets the CUDA peak counter, so reading ``max_memory_allocated`` after a request would give
+  only its last stage; GPU only),
+- host bytes holding the offloaded weights (one slab per model, the DiT blocks' in one) against the
+  weights' own bytes, and what pinning each tensor separately would have taken (PyTorch's pinned
+  allocator rounds each request up to a power of two),
 - host peak RSS of the process and its RSS after the requests,
 - bytes the process read from storage during the measured requests (``/proc/self/io``
   ``read_bytes``): offload that re-reads checkpoints per video shows up here; ours must read 0,
@@ -56,6 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
     from foleyserve.config import EngineConfig
     from foleyserve.pipeline.demo import sample_clip_path
     from foleyserve.pipeline.pipeline import PRECISIONS, resolve_device
+    from foleyserve.pipeline.stages import OVERALL
 
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -69,7 +75,12 @@ def measure(args: argparse.Namespace) -> dict:
         comps = random_components(args.model, device=home, dtype=PRECISIONS[args.precision], seed=0)
         comps.device = device
         engine = Engine(components=comps, precision=args.precision)
+    models = [engine.components.dit, engine.components.dac, engine.components.synchformer,
+              engine.components.siglip, engine.components.clap]
+    # Per-tensor pinning cost, computed before offload moves the weights (sizes do not change).
+    per_tensor_pinned = sum(_pow2(t.numel() * t.element_size()) for m in models for t in [*m.parameters(), *m.buffers()])
     engine.configure(EngineConfig(demo=True, precision=args.precision, offload=args.mode, device=str(device)))
+    lender = engine._lender
     build_s = time.perf_counter() - start
     video = args.video or str(sample_clip_path())
     request = lambda: GenerationRequest(video=video, prompt="footsteps", steps=args.steps, seed=0)  # noqa: E731
@@ -80,13 +91,14 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     read0 = _read_bytes()
-    times = []
+    times, peaks = [], []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        engine.generate(request())
+        result = engine.generate(request())
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        peaks.append(result.memory[OVERALL]["device_peak_bytes"])
     read1 = _read_bytes()
     return {
         "model": args.model,
@@ -96,12 +108,19 @@ def measure(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "build_seconds": round(build_s, 2),
         "median_seconds": round(statistics.median(times), 4),
-        "device_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "device_peak_bytes": max(peaks) if cuda else None,
         "device_resident_bytes": torch.cuda.memory_allocated(device) if cuda else None,
         "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "host_rss_bytes": _rss(),
+        "host_weight_bytes": lender.host_bytes if lender is not None else None,
+        "weight_tensor_bytes": lender.tensor_bytes if lender is not None else None,
+        "per_tensor_pinned_bytes": per_tensor_pinned if lender is not None else None,
         "disk_read_bytes_per_request": (read1 - read0) // max(1, args.repeat) if read0 >= 0 else None,
     }
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _gib(v: int | None) -> str:
@@ -142,16 +161,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"model {args.model}, {args.steps} steps, median of {args.repeat} after {args.warmup} warm-up\n")
-    print("| precision | offload | s/request | device peak GiB | device resident GiB | host peak GiB | host RSS GiB | disk read/request |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| precision | offload | s/request | device peak GiB | device resident GiB | host peak GiB | host RSS GiB | "
+          "weights in host slabs GiB (tensors) | pinned per tensor would be GiB | disk read/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['precision']} | {r['offload']} | error: {r['error']} | | | | | |")
+            print(f"| {r['precision']} | {r['offload']} | error: {r['error']} | | | | | | | |")
             continue
         disk = "-" if r["disk_read_bytes_per_request"] is None else f"{r['disk_read_bytes_per_request'] / 2**20:.1f} MiB"
         print(
             f"| {r['precision']} | {r['offload']} | {r['median_seconds']:.3f} | {_gib(r['device_peak_bytes'])} | "
-            f"{_gib(r['device_resident_bytes'])} | {_gib(r['host_peak_bytes'])} | {_gib(r['host_rss_bytes'])} | {disk} |"
+            f"{_gib(r['device_resident_bytes'])} | {_gib(r['host_peak_bytes'])} | {_gib(r['host_rss_bytes'])} | "
+            f"{_gib(r['host_weight_bytes'])} ({_gib(r['weight_tensor_bytes'])}) | {_gib(r['per_tensor_pinned_bytes'])} | {disk} |"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

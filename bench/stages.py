@@ -1,4 +1,7 @@
-"""Per-stage wall time and peak host memory of one generation, median of N runs.
+"""Per-stage wall time and peak memory of one generation, median of N runs.
+
+Device peaks are per stage (each stage resets the CUDA peak counter) and the largest over the runs;
+the total row's device peak is the largest over every stage, i.e. the run's real peak.
 
     python bench/stages.py                        # demo model on the bundled sample clip
     python bench/stages.py --video clip.mp4 --steps 50 --repeats 5
@@ -35,6 +38,7 @@ def main() -> int:
     from foleyserve.pipeline.demo import sample_clip_path
     from foleyserve.pipeline.pipeline import Engine
     from foleyserve.pipeline.requests import GenerationRequest
+    from foleyserve.pipeline.stages import OVERALL, overall_device_peak
 
     engine = (
         Engine.from_pretrained(args.model_dir, model=args.model, precision=args.precision, device=args.device)
@@ -51,16 +55,19 @@ def main() -> int:
     print(f"# {engine.components.name}, {video.name}, {runs[0].audio_seconds:.2f} s audio, {args.steps} steps, "
           f"{engine.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| stage | seconds (median) | min-max | host peak GiB (end of stage) | device peak GiB |")
+    print("| stage | seconds (median) | min-max | host peak GiB (end of stage) | device peak GiB (max over runs) |")
     print("|---|---|---|---|---|")
-    total = []
+    def gib(v: int | None) -> str:
+        return "-" if v is None else f"{v / 2**30:.2f}"
+
     for s in stages:
         secs = [r.timings[s] for r in runs]
-        dev = runs[-1].memory[s]["device_peak_bytes"]
-        print(f"| {s} | {statistics.median(secs):.3f} | {min(secs):.3f}-{max(secs):.3f} | "
-              f"{runs[-1].memory[s]['host_peak_bytes'] / 2**30:.2f} | {'-' if dev is None else f'{dev / 2**30:.2f}'} |")
+        dev = overall_device_peak(r.memory[s]["device_peak_bytes"] for r in runs)
+        host = max(r.memory[s]["host_peak_bytes"] for r in runs)
+        print(f"| {s} | {statistics.median(secs):.3f} | {min(secs):.3f}-{max(secs):.3f} | {gib(host)} | {gib(dev)} |")
     total = [sum(r.timings.values()) for r in runs]
-    print(f"| **total** | {statistics.median(total):.3f} | {min(total):.3f}-{max(total):.3f} | | |")
+    peak = overall_device_peak(r.memory[OVERALL]["device_peak_bytes"] for r in runs)
+    print(f"| **total** | {statistics.median(total):.3f} | {min(total):.3f}-{max(total):.3f} | | {gib(peak)} (all stages) |")
     if args.json:
         args.json.write_text(json.dumps([{"timings": r.timings, "memory": r.memory} for r in runs], indent=1))
     return 0

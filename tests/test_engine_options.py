@@ -17,7 +17,9 @@ def _req(**kw):
 
 @pytest.fixture(scope="module")
 def reference():
-    return Engine.demo().generate(_req()).waveform
+    # Configured like the engines compared with it (the precision policy puts the DiT in its
+    # inference layout), with every model resident.
+    return Engine.from_config(EngineConfig(demo=True, precision="fp32", offload="none")).generate(_req()).waveform
 
 
 @pytest.mark.parametrize("offload", ["stage", "sequential"])

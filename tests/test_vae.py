@@ -189,3 +189,49 @@ def test_bad_kwargs(fixtures_dir: Path) -> None:
         model = build_dac({**kwargs, "n_codebooks": 9, "codebook_size": 1024, "codebook_dim": 8,
                            "quantizer_dropout": False})
     assert not any("quantizer." in k for k in model.state_dict())
+
+
+# ----------------------------------------------------------------------------- decoder only
+
+
+def test_decoder_only_loads_the_official_weights_and_decodes_identically(fixtures_dir, tiny_sd, tiny_dac, ref, caplog) -> None:
+    from foleyserve.models.vae import ENCODER_PREFIXES
+
+    kwargs = _tiny_kwargs(fixtures_dir)
+    n_encoder = sum(k.startswith(ENCODER_PREFIXES) for k in tiny_sd)
+    assert n_encoder > 0
+    with caplog.at_level("INFO", logger="foleyserve.models.vae"):
+        model = dac_from_checkpoint({"state_dict": dict(tiny_sd), "metadata": {"kwargs": kwargs}}, decoder_only=True)
+    assert f"{n_encoder} encoder tensors" in caplog.text
+    assert model.encoder is None and model.quant_conv is None and model.decoder_only
+    assert set(model.state_dict()) == {k for k in tiny_sd if not k.startswith(ENCODER_PREFIXES)}
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model.decode(ref["z"]), tiny_dac.decode(ref["z"]))
+    with pytest.raises(RuntimeError, match="decoder_only"):
+        model.encode(ref["enc_audio_in"])
+    # the decoder keys are still loaded strictly
+    sd = dict(tiny_sd)
+    del sd["decoder.model.7.weight_v"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.model.7.weight_v"):
+        dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": kwargs}}, decoder_only=True)
+
+
+def test_decoder_only_build_leaves_out_the_encoder_side(fixtures_dir) -> None:
+    kwargs = _tiny_kwargs(fixtures_dir)
+    with torch.device("meta"):
+        full, dec = build_dac(kwargs), build_dac(kwargs, decoder_only=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(dec) == count(full) - count(full.encoder) - count(full.quant_conv)
+    assert dec.hop_length == full.hop_length and dec.latent_dim == full.latent_dim
+    assert set(full.drop_encoder().state_dict()) == set(dec.state_dict())
+
+
+def test_inference_models_carry_no_encoder() -> None:
+    from foleyserve.pipeline.demo import demo_components
+    from foleyserve.pipeline.random_models import OFFICIAL_DAC_KWARGS, random_dac
+
+    assert demo_components(torch.device("cpu")).dac.encoder is None
+    assert random_dac(device="meta").encoder is None
+    with torch.device("meta"):
+        assert build_dac(OFFICIAL_DAC_KWARGS).encoder is not None  # the full model stays available

@@ -243,6 +243,7 @@ class RunRecord:
     total_seconds: float
     step_seconds: list[float]  # wall time of denoising steps 2..N (step 1 includes per-request set-up)
     step_cache: dict | None
+    device_peak_bytes: int | None = None  # over every stage of the run (None without a device)
 
 
 @dataclass
@@ -276,7 +277,10 @@ class ProfileResult:
         if per_step:
             out["dit_per_step"] = {"median_s": statistics.median(per_step), "min_s": min(steps), "max_s": max(steps), "samples": len(steps)}
         totals = [r.total_seconds for r in self.runs]
-        out["total"] = {"median_s": statistics.median(totals), "min_s": min(totals), "max_s": max(totals)}
+        out["total"] = {
+            "median_s": statistics.median(totals), "min_s": min(totals), "max_s": max(totals),
+            "device_peak_bytes": max((r.device_peak_bytes for r in self.runs if r.device_peak_bytes is not None), default=None),
+        }
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -287,7 +291,8 @@ class ProfileResult:
             "clip": self.clip,
             "summary": self.summary(),
             "runs": [
-                {"stages": r.stages, "total_s": r.total_seconds, "step_s": r.step_seconds, "step_cache": r.step_cache}
+                {"stages": r.stages, "total_s": r.total_seconds, "step_s": r.step_seconds, "step_cache": r.step_cache,
+                 "device_peak_bytes": r.device_peak_bytes}
                 for r in self.runs
             ],
             "notes": self.notes,
@@ -311,7 +316,7 @@ def run_once(engine, request, *, max_seconds: float, step_times: bool = True) ->
     ``step_times`` records when each denoising step ends; on a GPU that waits for the device after
     every step, which keeps the host from queueing the next step early (a small bubble per step).
     Raises NonFiniteOutput instead of writing NaN audio (which the AAC encoder rejects anyway)."""
-    from foleyserve.pipeline.stages import StageTimer
+    from foleyserve.pipeline.stages import StageTimer, overall_device_peak, split_overall
 
     device = engine.device
     marks: list[float] = []
@@ -336,7 +341,8 @@ def run_once(engine, request, *, max_seconds: float, step_times: bool = True) ->
     result = engine.finish(job, latents)
     _sync(device)
     total = time.perf_counter() - start
-    stages = {**timer.as_dict(), **result.memory}
+    # Each timer's "overall" entry covers only its own stages: drop both, take the peak over all.
+    stages, _ = split_overall({**timer.as_dict(), **result.memory})
     steps = [b - a for a, b in zip(marks, marks[1:])]
     clip = {
         "video_seconds": round(decoded.duration, 3),
@@ -347,7 +353,10 @@ def run_once(engine, request, *, max_seconds: float, step_times: bool = True) ->
         "text_tokens": int(job.text.text.shape[1]),
         "warnings": list(result.warnings),
     }
-    return RunRecord(stages=stages, total_seconds=total, step_seconds=steps, step_cache=engine.last_step_cache_report), clip
+    peak = overall_device_peak(s["device_peak_bytes"] for s in stages.values())
+    record = RunRecord(stages=stages, total_seconds=total, step_seconds=steps, step_cache=engine.last_step_cache_report,
+                       device_peak_bytes=peak)
+    return record, clip
 
 
 def profile_engine(
@@ -446,7 +455,11 @@ def format_table(result: ProfileResult) -> str:
                 f"| dit per step (steps 2-{s['steps']}) | {ps['median_s']:.4f} | {ps['min_s']:.4f}-{ps['max_s']:.4f} | | |"
             )
     tot = summary["total"]
-    lines.append(f"| **total** (wall) | {tot['median_s']:.3f} | {tot['min_s']:.3f}-{tot['max_s']:.3f} | | |")
+    peak = tot.get("device_peak_bytes")
+    lines.append(
+        f"| **total** (wall) | {tot['median_s']:.3f} | {tot['min_s']:.3f}-{tot['max_s']:.3f} | | "
+        f"{'' if peak is None else _gib(peak) + ' (max over stages)'} |"
+    )
     caches = [r.step_cache for r in result.runs if r.step_cache]
     if caches:
         lines.append("")

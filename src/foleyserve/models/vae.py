@@ -6,10 +6,14 @@ what the checkpoint holds; new torch's parametrizations would rename the keys.
 
 Only the continuous (VAE) variant exists here: the real checkpoint has ``quant_conv`` /
 ``post_quant_conv`` and no quantizer, and the pipeline only ever decodes continuous latents.
+
+Inference only decodes, so it builds the DAC ``decoder_only``: no encoder and no ``quant_conv``
+(1.18 of the 1.49 GB of the real model). Tests and tools that encode build the full model.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Mapping
@@ -38,6 +42,11 @@ _QUANTIZER_ONLY = {"n_codebooks", "codebook_size", "codebook_dim", "quantizer_dr
 
 # The official posterior clamps log-variance to this range before anyone sees it.
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
+
+# State-dict prefixes used only by encode(); a decoder-only model neither builds nor loads them.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+
+log = logging.getLogger(__name__)
 
 
 def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -269,7 +278,11 @@ class Decoder(nn.Module):
 
 
 class DAC(nn.Module):
-    """Continuous DAC: encode audio to a diagonal Gaussian, decode latents to mono audio."""
+    """Continuous DAC: encode audio to a diagonal Gaussian, decode latents to mono audio.
+
+    ``decoder_only=True`` leaves out the encoder side (``encoder`` and ``quant_conv``, both
+    ``None`` then); :meth:`encode` raises on such a model.
+    """
 
     def __init__(
         self,
@@ -279,6 +292,7 @@ class DAC(nn.Module):
         decoder_dim: int,
         decoder_rates: list[int],
         sample_rate: int,
+        decoder_only: bool = False,
     ) -> None:
         super().__init__()
         self.encoder_dim, self.encoder_rates = encoder_dim, list(encoder_rates)
@@ -287,9 +301,10 @@ class DAC(nn.Module):
         self.sample_rate = sample_rate
         self.hop_length = math.prod(self.encoder_rates)
         self.continuous = True
+        self.decoder_only = decoder_only
 
-        self.encoder = Encoder(encoder_dim, self.encoder_rates, latent_dim)
-        self.quant_conv = nn.Conv1d(latent_dim, 2 * latent_dim, 1)
+        self.encoder: Encoder | None = None if decoder_only else Encoder(encoder_dim, self.encoder_rates, latent_dim)
+        self.quant_conv: nn.Conv1d | None = None if decoder_only else nn.Conv1d(latent_dim, 2 * latent_dim, 1)
         self.post_quant_conv = nn.Conv1d(latent_dim, latent_dim, 1)
         self.decoder = Decoder(latent_dim, decoder_dim, self.decoder_rates)
 
@@ -299,6 +314,11 @@ class DAC(nn.Module):
         Like the official ``encode`` this does not pad: T should be a multiple of ``hop_length``
         (the official ``forward`` right-pads with zeros first; see ``pad_to_hop``).
         """
+        if self.encoder is None or self.quant_conv is None:
+            raise RuntimeError(
+                "this DAC was built decoder_only (for inference) and has no encoder: "
+                "build it with build_dac(kwargs) or dac_from_checkpoint(obj) to encode audio"
+            )
         moments = self.quant_conv(self.encoder(audio))
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, torch.clamp(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
@@ -306,6 +326,17 @@ class DAC(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent_dim, L] -> audio [B, 1, L * hop_length] in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def drop_encoder(self) -> "DAC":
+        """Free the encoder side of a built model, making it decoder-only (for inference).
+
+        For models whose weights were made whole (the demo's seeded ones); loaders build without
+        the encoder instead (``decoder_only=True``), which never allocates it.
+        """
+        self.encoder = None
+        self.quant_conv = None
+        self.decoder_only = True
+        return self
 
     def pad_to_hop(self, audio: torch.Tensor) -> torch.Tensor:
         """Right zero-pad the last axis to a multiple of ``hop_length`` (the official preprocess)."""
@@ -367,13 +398,14 @@ def _resolve_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_dac(kwargs: Mapping[str, Any]) -> DAC:
+def build_dac(kwargs: Mapping[str, Any], *, decoder_only: bool = False) -> DAC:
     """Build a DAC from the official ``metadata.kwargs``; quantizer-only kwargs are ignored.
 
     Missing kwargs take the official constructor defaults, as the official loader does.
+    ``decoder_only``: do not build the encoder side (for inference, which only decodes).
     Raises ValueError for unknown kwargs, ``continuous=False`` or an inconsistent config.
     """
-    return DAC(**_resolve_kwargs(kwargs))
+    return DAC(**_resolve_kwargs(kwargs), decoder_only=decoder_only)
 
 
 def _describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
@@ -402,12 +434,15 @@ def _describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(parts)
 
 
-def dac_from_checkpoint(obj: Mapping[str, Any]) -> DAC:
+def dac_from_checkpoint(obj: Mapping[str, Any], *, decoder_only: bool = False) -> DAC:
     """Load the object stored in the official ``vae_128d_48k.pth``.
 
     ``obj`` is ``{"state_dict": ..., "metadata": {"kwargs": {...}}}``. Unlike the official loader
     (``strict=False``, silently skipping missing keys) every key must be present and shaped right.
     The model takes over the checkpoint's tensors (no copy, no throwaway random init).
+
+    ``decoder_only``: build and load only the decoder side (strictly); the checkpoint's encoder
+    keys (``ENCODER_PREFIXES``) are skipped, and their count logged.
     """
     try:
         sd = obj["state_dict"]
@@ -423,8 +458,12 @@ def dac_from_checkpoint(obj: Mapping[str, Any]) -> DAC:
         for key in unknown:
             del kwargs[key]
 
+    if decoder_only:
+        skipped = [k for k in sd if k.startswith(ENCODER_PREFIXES)]
+        sd = {k: v for k, v in sd.items() if not k.startswith(ENCODER_PREFIXES)}
+        log.info("DAC decoder only: %d encoder tensors of the checkpoint not loaded", len(skipped))
     with torch.device("meta"):
-        model = build_dac(kwargs)
+        model = build_dac(kwargs, decoder_only=decoder_only)
     problem = _describe_mismatch(model, sd)
     if problem:
         raise ValueError(f"DAC checkpoint does not fit the model built from its kwargs {kwargs}: {problem}")

@@ -82,7 +82,9 @@ def demo_components(device: torch.device, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     tokenizer = demo_tokenizer()
     dit = build_dit(demo_dit_config(), seed=seed)
-    dac = randomize_(build_dac(DEMO_DAC), gen)
+    # Built whole and seeded as always (the generator's draws, and so every demo weight, stay
+    # the same), then the encoder is dropped: the pipeline only decodes.
+    dac = randomize_(build_dac(DEMO_DAC), gen).drop_encoder()
     # Residual units' last convs scaled down so the toy decoder does not saturate its tanh.
     with torch.no_grad():
         for name, p in dac.named_parameters():

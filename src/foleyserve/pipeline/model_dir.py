@@ -156,7 +156,8 @@ def load_components(
             f"{vae_path} holds no DAC settings (metadata.kwargs), so it is not the official {VAE_FILE}.pth: "
             f"delete it and {HOW_TO_GET}"
         )
-    dac = dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": meta["config"]}}).to(device).eval()
+    # Inference only decodes: the encoder (~80% of the file) is neither built nor loaded.
+    dac = dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": meta["config"]}}, decoder_only=True).to(device).eval()
     del sd
 
     sd, _ = _read_weights(sync_path)

@@ -146,9 +146,12 @@ def _materialise(
     return pool_fill_(module, scale, seed).eval()
 
 
-def random_dac(*, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
-    """The DAC-VAE at the official kwargs (encoder included, as the official file has it)."""
-    dac = _materialise(lambda: build_dac(OFFICIAL_DAC_KWARGS), device, torch.float32, _fixture_scale, seed + 2)
+def random_dac(*, device: torch.device | str = "cpu", seed: int = 0, decoder_only: bool = True) -> torch.nn.Module:
+    """The DAC-VAE at the official kwargs; decoder-only by default, as inference loads it
+    (``decoder_only=False``: with the encoder, as the official file has it)."""
+    dac = _materialise(
+        lambda: build_dac(OFFICIAL_DAC_KWARGS, decoder_only=decoder_only), device, torch.float32, _fixture_scale, seed + 2
+    )
     # As in the demo: scale down each residual unit's last conv so random weights do not saturate
     # the output tanh (a saturated decoder would hide precision differences).
     with torch.no_grad():

@@ -64,7 +64,9 @@ class GenerationResult:
     video_seconds: float
     seed: int
     timings: dict[str, float]  # stage -> wall seconds
-    memory: dict[str, dict[str, Any]]  # stage -> host/device peak bytes
+    # stage -> {seconds, host_peak_bytes, device_peak_bytes}, plus "overall" (stages.OVERALL): the
+    # whole run, whose device peak is the max over stages (each stage resets the CUDA peak counter)
+    memory: dict[str, dict[str, Any]]
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     model: str = ""

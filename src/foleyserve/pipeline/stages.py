@@ -6,9 +6,14 @@ import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+
+
+# The key of the whole-run entry in StageTimer.as_dict(): shaped like a stage's entry (so code that
+# prints every entry keeps working) but not a stage; code that adds up stages skips it.
+OVERALL = "overall"
 
 
 def _host_peak_bytes() -> int:
@@ -54,8 +59,38 @@ class StageTimer:
     def seconds(self) -> dict[str, float]:
         return {k: r.seconds for k, r in self.records.items()}
 
+    def device_peak_bytes(self) -> int | None:
+        """Peak device memory over the whole run: the largest stage peak (each stage resets the
+        CUDA peak counter, so no single stage's figure is the run's). None without a device."""
+        return overall_device_peak(r.device_peak_bytes for r in self.records.values())
+
+    def host_peak_bytes(self) -> int:
+        """The process's host high-water mark at the end of the last stage (0 before any stage)."""
+        return max((r.host_peak_bytes for r in self.records.values()), default=0)
+
     def as_dict(self) -> dict[str, dict[str, float | int | None]]:
-        return {
+        """Per stage ``{seconds, host_peak_bytes, device_peak_bytes}``, plus an :data:`OVERALL`
+        entry of the same shape: the stages' summed seconds and the peaks over all stages."""
+        out: dict[str, dict[str, float | int | None]] = {
             k: {"seconds": r.seconds, "host_peak_bytes": r.host_peak_bytes, "device_peak_bytes": r.device_peak_bytes}
             for k, r in self.records.items()
         }
+        if self.records:
+            out[OVERALL] = {
+                "seconds": sum(r.seconds for r in self.records.values()),
+                "host_peak_bytes": self.host_peak_bytes(),
+                "device_peak_bytes": self.device_peak_bytes(),
+            }
+        return out
+
+
+def overall_device_peak(peaks: Iterable[int | None]) -> int | None:
+    """The largest of per-stage device peaks, ignoring unmeasured (None) ones; None if all are."""
+    known = [p for p in peaks if p is not None]
+    return max(known) if known else None
+
+
+def split_overall(memory: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """``(stages, overall)`` of an :meth:`StageTimer.as_dict` result (overall None if absent)."""
+    stages = {k: v for k, v in memory.items() if k != OVERALL}
+    return stages, memory.get(OVERALL)
