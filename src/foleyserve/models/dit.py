@@ -436,7 +436,9 @@ class SingleStreamBlock(nn.Module):
         dt = _act_dtype(self.linear_qkv)
         qkv = self.linear_qkv(ln_modulate(x, m[:, :, 0], m[:, :, 1], 1e-5, dt)).view(b, n, self.num_heads, -1, 3)
         # q and k normed and rotated in one pass: [B, L, 2, H, Dh] with stacked gains.
-        qk, v = qkv[..., :2].movedim(-1, 2), qkv[..., 2]
+        # v's head_dim has stride 3 in this layout; flash and memory-efficient attention need a
+        # unit stride there (else SDPA silently takes the slow math path), so v is made contiguous.
+        qk, v = qkv[..., :2].movedim(-1, 2), qkv[..., 2].contiguous()
         eps = self.q_norm.eps if self.q_norm.eps is not None else torch.finfo(qkv.dtype).eps
         qk = rms_rope(qk, torch.stack((self.q_norm.weight, self.k_norm.weight)).unsqueeze(1), eps, rope)
         x = torch.addcmul(x, self.linear1(_sdpa(qk[:, :, 0], qk[:, :, 1], v)), m[:, :, 2])

@@ -299,9 +299,11 @@ def rope_fp32(xf: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, out
 
 
 def _addcmul_as(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a + b * c`` computed in float32 and written in ``dtype``: one kernel instead of two."""
-    if dtype == torch.float32:
-        return torch.addcmul(a, b, c)
+    """``a + b * c`` computed in float32 and written in ``dtype``: one kernel instead of two.
+
+    The output is always a fresh contiguous tensor: left to itself an elementwise op may pick a
+    permuted layout from strided inputs, and attention kernels need the head dim innermost.
+    """
     shape = torch.broadcast_shapes(a.shape, b.shape, c.shape)
     return torch.addcmul(a, b, c, out=torch.empty(shape, dtype=dtype, device=a.device))
 
