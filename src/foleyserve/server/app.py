@@ -173,6 +173,8 @@ class Service:
         self.batcher: Any | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
+        # Set while compiled steps are being warmed up: {"done", "total", "current"}.
+        self.warmup: dict[str, Any] | None = None
         self.metrics = ServerMetrics(
             LiveSources(
                 queue_depth=lambda: self.batcher.queue_depth() if self.batcher is not None else None,
@@ -244,6 +246,7 @@ class Service:
                 namespace=f"{engine.components.name}|{engine.precision}",
                 memory_bytes=int(c.cache_memory_mb * 2**20),
             )
+            self._warm_up(engine)
             batcher = Batcher(
                 engine,
                 BatcherConfig(
@@ -273,6 +276,19 @@ class Service:
             log.exception("re-queueing the jobs of the previous run failed; they stay as recorded")
         self.ready.set()
         log.info("ready: model %s, precision %s, device %s", engine.components.name, engine.precision, engine.device)
+
+    def _warm_up(self, engine: Any) -> None:
+        """Compile the profile's step buckets before the server reports ready (compile on only)."""
+        c = self.config
+        if not getattr(engine, "compiled", False) or not c.warmup_seconds:
+            return
+
+        def progress(done: int, total: int, what: str) -> None:
+            self.warmup = {"done": done, "total": total, "current": what}
+            log.info("warm-up %d/%d: %s", done, total, what)
+
+        records = engine.warm_up(c.warmup_seconds, batch_sizes=c.warmup_batch_sizes, progress=progress)
+        self.warmup = {"done": len(records), "total": len(records), "current": "done", "buckets": records}
 
     def engine_info(self) -> dict[str, str] | None:
         e = self.engine if self.ready.is_set() else None
@@ -783,6 +799,13 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         if info is None:
             if service.load_error is not None:
                 return _error_response(503, "load_failed", "the model failed to load; the server log has the details")
+            w = service.warmup
+            if w is not None and w.get("done", 0) < w.get("total", 0):
+                return _error_response(
+                    503, "warming_up",
+                    f"compiling the denoiser: bucket {w['done'] + 1} of {w['total']} ({w['current']}); try again shortly",
+                    {"Retry-After": "10"},
+                )
             return _error_response(503, "not_ready", "the model is loading; try again shortly", {"Retry-After": "5"})
         return {"status": "ready", **info}
 
@@ -796,6 +819,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         return {
             "ready": service.ready.is_set(),
             "engine": service.engine_info(),
+            "warmup": service.warmup,
             "limits": {
                 "max_upload_bytes": config.max_upload_bytes, "max_video_pixels": config.max_video_pixels,
                 "max_prompt_chars": config.max_prompt_chars, "steps": [1, config.max_steps], "guidance": [0, 100],

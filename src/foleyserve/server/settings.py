@@ -66,6 +66,11 @@ class ServerConfig:
     # On shutdown the running batch may finish within this many seconds; after that it is cut
     # short and re-runs on the next start (its upload is kept).
     shutdown_grace_s: float = 10.0
+    # With engine.compile: the clip lengths (seconds) and batch sizes whose denoising step is
+    # compiled (and on CUDA captured) before /readyz turns 200, so no user pays a compile.
+    # Pair it with length_bucket: second, which keeps every request inside these buckets.
+    warmup_seconds: list[float] = field(default_factory=list)
+    warmup_batch_sizes: list[int] = field(default_factory=lambda: [1])
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -109,6 +114,14 @@ class ServerConfig:
             _check_number(self, "retention_max_gb", 0.0, None)
         _check_number(self, "retention_interval_s", 0.1, None)
         _check_number(self, "shutdown_grace_s", 0.0, None)
+        if not isinstance(self.warmup_seconds, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0.64 <= x <= 15.04 for x in self.warmup_seconds
+        ):
+            raise ConfigError(f"warmup_seconds must be a list of clip lengths between 0.64 and 15.04 s, got {self.warmup_seconds!r}")
+        if not isinstance(self.warmup_batch_sizes, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 256 for b in self.warmup_batch_sizes
+        ):
+            raise ConfigError(f"warmup_batch_sizes must be a list of whole numbers 1-256, got {self.warmup_batch_sizes!r}")
         return self
 
     @classmethod
