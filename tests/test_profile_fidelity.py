@@ -294,18 +294,7 @@ def test_bench_scripts_run_on_the_tiny_model(tmp_path, dit_step, capsys):
     assert [r["precision"] for r in rows] == ["fp32", "bf16"] and all(r["ours_s"] > 0 for r in rows)
     assert "| tiny | 2 | 100 / 16 / 40 / 20 | fp32 |" in capsys.readouterr().out
 
-    gpu = _bench("gpu")
-    if not torch.cuda.is_available():
-        assert gpu.main([]) == 2
-        assert "needs a CUDA GPU" in capsys.readouterr().err
-    out = tmp_path / "gpu.json"
-    assert gpu.main(["--device", "cpu", "--sizes", "tiny", "--seconds", "2", "--steps", "2", "--configs",
-                     "bf16-eager,fp8-cache", "--repeat", "1", "--warmup", "0", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["config"] for r in rows] == ["bf16-eager", "fp8-cache"]
-    for r in rows:
-        assert r["dit_s"] > 0 and r["mfu"] > 0 and r["dit_model_flops"] > 0
-    assert rows[1]["mfu_effective"] and rows[1]["step_cache"]["model_calls"] == 2
+    # bench/gpu.py became bench/device_check.py: tests/test_device_check.py runs it.
 
     policies = _bench("policies")
     out = tmp_path / "policies.json"
