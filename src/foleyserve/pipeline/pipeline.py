@@ -236,7 +236,10 @@ class Engine:
             if config.compile_cache is not None and load_compile_artifacts(config.compile_cache):
                 log.info("compile artifacts loaded from %s", config.compile_cache)
             self.compile_cache = config.compile_cache
-            self.step_graphs = StepGraphs(max_graphs=config.max_graphs)
+            # A captured graph reads the weights at the addresses they had at capture; stage
+            # offload lends the DiT anew for every request, so it compiles without capture.
+            cuda_graphs = False if config.offload != "none" else None
+            self.step_graphs = StepGraphs(max_graphs=config.max_graphs, cuda_graphs=cuda_graphs)
         return self
 
     def warm_up(self, seconds: Iterable[float], *, batch_sizes: Iterable[int] = (1,), steps: int = 1,

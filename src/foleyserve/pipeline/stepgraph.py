@@ -126,7 +126,9 @@ class _CapturedStep:
                 compiled.fn(*args)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the batcher's prepare thread keeps running encoders on other streams
+        # while a new bucket is captured; only this thread's calls are restricted.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             out = compiled.fn(*args)
             self.x.copy_(out)
         self.bind(conditions, scales)
