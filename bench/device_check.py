@@ -267,6 +267,23 @@ def verdicts(results: dict, plan: P.Plan) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- phase: encoders
+
+
+def phase_encoders(ctx: Check, sec: dict) -> None:
+    """SigLIP2 and Synchformer in fp32 (TF32 off and on) and under fp16/bf16 autocast: the
+    official pipeline runs Synchformer under fp16 autocast on CUDA, which never ran before."""
+    import encoder_precision as E
+
+    if ctx.plan.smoke:  # the fixture's tiny Synchformer only: real-size SigLIP2 is minutes on 2 cores
+        shared = Path(os.environ.get("FOLEYSERVE_SHARED", REPO.parent / "shared"))
+        fixture = shared / "reference" / "fixtures" / "tiny_synchformer_visual_weights.safetensors"
+        ctx.item(sec, "synchformer_fixture", lambda: E.measure(ctx.device, fixture=fixture, max_sync_frames=16,
+                                                               max_siglip_frames=1, encoders=("synchformer",)))
+        return
+    ctx.item(sec, "real_size_random", lambda: E.measure(ctx.device, max_sync_frames=48, max_siglip_frames=40))
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -279,6 +296,7 @@ PHASES: list[tuple[str, Callable[[Check, dict], None], float, float]] = [
     ("end_to_end", phase_end_to_end, 40, 8),
     ("offload", phase_offload, 45, 4),
     ("peak_vram", phase_peak_vram, 25, 4),
+    ("encoders", phase_encoders, 15, 6),
     ("compile", phase_compile, 120, 10),
 ]
 

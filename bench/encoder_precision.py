@@ -59,7 +59,8 @@ def _frames(video: Path | None, max_sync_frames: int, max_siglip_frames: int) ->
 
 
 def measure(device: torch.device, *, video: Path | None = None, fixture: Path | None = None,
-            max_sync_frames: int = 48, max_siglip_frames: int = 40, seed: int = 0) -> dict[str, Any]:
+            max_sync_frames: int = 48, max_siglip_frames: int = 40, seed: int = 0,
+            encoders: tuple[str, ...] = ("synchformer", "siglip2")) -> dict[str, Any]:
     """One row per (encoder, mode): rel_l2 / max_abs against fp32 with TF32 off, and seconds."""
     from foleyserve import media
     from foleyserve.models.encoders import build_siglip_vision, encode_frames_siglip
@@ -67,29 +68,32 @@ def measure(device: torch.device, *, video: Path | None = None, fixture: Path | 
 
     frames8, frames25 = _frames(video, max_sync_frames, max_siglip_frames)
     if fixture is not None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import load_fixture_model  # noqa: E402
+        from safetensors.torch import load_file
 
         from foleyserve.models.synchformer import build_synchformer_visual
 
-        synch = load_fixture_model(fixture, build_synchformer_visual).to(device).eval()
+        sd = load_file(str(fixture))
+        # The fixture's tiny ViT: its width and depth read off the weights.
+        width = sd["vfeat_extractor.cls_token"].shape[-1] if "vfeat_extractor.cls_token" in sd else 64
+        depth = len({k.split(".")[2] for k in sd if k.startswith("vfeat_extractor.blocks.")}) or 2
+        synch = build_synchformer_visual(embed_dim=width, num_heads=2, depth=depth)
+        synch.load_state_dict(sd, strict=True)
+        synch = synch.to(device).eval()
     else:
         synch = random_synchformer(device=device, seed=seed).eval()
-    siglip = build_siglip_vision(seed=seed, device=device).eval()
     sync_pixels = media.synchformer_pixels(frames25).unsqueeze(0).to(device)
-    sig_pixels = media.siglip_pixels(frames8).to(device)
-
-    encoders = {
-        "synchformer": lambda: synch.encode(sync_pixels, batch_size=8),
-        "siglip2": lambda: encode_frames_siglip(siglip, sig_pixels, batch_size=16),
-    }
+    runs = {"synchformer": lambda: synch.encode(sync_pixels, batch_size=8)}
+    if "siglip2" in encoders:
+        siglip = build_siglip_vision(seed=seed, device=device).eval()
+        sig_pixels = media.siglip_pixels(frames8).to(device)
+        runs["siglip2"] = lambda: encode_frames_siglip(siglip, sig_pixels, batch_size=16)
     modes: list[tuple[str, torch.dtype | None, bool]] = [("fp32", None, False)]
     if device.type == "cuda":
         modes.append(("fp32+tf32", None, True))
     modes += [("autocast-fp16", torch.float16, False), ("autocast-bf16", torch.bfloat16, False)]
     rows = []
     with torch.no_grad():
-        for name, run in encoders.items():
+        for name, run in runs.items():
             ref = None
             for mode, dtype, tf32 in modes:
                 ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

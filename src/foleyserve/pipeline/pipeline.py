@@ -376,19 +376,20 @@ class Engine:
         if self.step_graphs is not None and n_text < TEXT_BUCKET:
             text_feat, uncond = _pad_tokens(text_feat, TEXT_BUCKET), _pad_tokens(uncond, TEXT_BUCKET)
             lengths = [n_text] * len(seeds)
-        return sample_latents(
-            self.components.dit,
-            noise=noise,
-            clip_feat=visual.siglip,
-            sync_feat=visual.sync,
-            text_feat=text_feat,
-            uncond_text_feat=uncond,
-            steps=steps,
-            guidance_scale=guidance,
-            callback=cb,
-            text_lengths=lengths,
-            runner=self.step_graphs,
-        )
+        with self._on_device(self.components.dit):
+            return sample_latents(
+                self.components.dit,
+                noise=noise,
+                clip_feat=visual.siglip,
+                sync_feat=visual.sync,
+                text_feat=text_feat,
+                uncond_text_feat=uncond,
+                steps=steps,
+                guidance_scale=guidance,
+                callback=cb,
+                text_lengths=lengths,
+                runner=self.step_graphs,
+            )
 
     @torch.no_grad()
     def decode_audio(self, latents: torch.Tensor) -> torch.Tensor:
