@@ -296,7 +296,7 @@ PHASES: list[tuple[str, Callable[[Check, dict], None], float, float]] = [
     ("end_to_end", phase_end_to_end, 40, 8),
     ("offload", phase_offload, 45, 4),
     ("peak_vram", phase_peak_vram, 25, 4),
-    ("encoders", phase_encoders, 15, 6),
+    ("encoders", phase_encoders, 15, 8),
     ("compile", phase_compile, 120, 10),
 ]
 

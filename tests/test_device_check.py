@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("env", "kernels", "dit_correctness", "step_times", "end_to_end", "offload", "peak_vram", "compile")
+PHASES = ("env", "kernels", "dit_correctness", "step_times", "end_to_end", "offload", "peak_vram", "encoders", "compile")
 CPU_SKIPS = ("skipped: no cuda",)
 
 
