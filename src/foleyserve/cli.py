@@ -112,7 +112,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--step-cache", type=float, metavar="T",
         help="reuse the denoiser's residual on steps that change less than T (e.g. 0.05; default off = exact)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser blocks (first run per length compiles)")
+    p.add_argument("--compile", action="store_true", help="compile each denoising step as one graph (CUDA graph on GPU); the first request of each clip length compiles")
     p.add_argument(
         "--offload", choices=("none", "stage", "sequential"), default="none",
         help="keep models in host RAM and lend the running stage to the GPU (stage), also streaming DiT blocks (sequential)",

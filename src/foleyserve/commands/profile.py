@@ -7,7 +7,7 @@ memory, as a markdown table (optionally JSON too). The DiT is also reported per 
 The engine comes from the official weights (``--model-dir``), the tiny demo model (``--demo``), or
 the real architecture with random weights (``--random-weights xl|xxl``), which gives true timings
 without the official files. The functions here are also what ``bench/policies.py`` and
-``bench/gpu.py`` build on.
+``bench/device_check.py`` build on.
 """
 
 from __future__ import annotations
@@ -557,7 +557,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=seconds_arg, default=15.0, help="use at most this many seconds of the video (default 15)")
     p.add_argument("--precision", choices=PRECISION_NAMES, help="DiT precision policy (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--step-cache", type=non_negative_float, metavar="T", help="step cache threshold (default off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
+    p.add_argument("--compile", action="store_true", help="compile each denoising step as one graph (CUDA graph on GPU)")
     p.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="offload mode (default none)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=non_negative_float, default=4.5, help="CFG scale (default 4.5)")

@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", help=f"denoiser precision: {', '.join(PRECISION_NAMES)} (default bf16)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--step-cache", type=float, metavar="T", help="denoiser step cache threshold, e.g. 0.05 (default off = exact)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser blocks")
+    p.add_argument("--compile", action="store_true", default=None, help="compile each denoising step as one graph (CUDA graph on GPU); see the profile's warmup_seconds")
     p.add_argument("--offload", choices=("none", "stage", "sequential"), help="where weights live between stages (default none)")
     p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
     p.add_argument("--clap-dir", type=Path, help="local laion/larger_clap_general folder (default: search)")
