@@ -255,3 +255,34 @@ def test_cost_flags_override_the_profile() -> None:
     assert (engine.precision, engine.compile, engine.offload, engine.step_cache) == ("fp8", True, "stage", 0.05)
     engine, _ = configs_from_args(parse("--demo", "--compile"), environ={})
     assert engine.compile is True and engine.offload == "none"
+
+
+def test_listening_socket_is_tcp_so_connections_get_nodelay() -> None:
+    """asyncio turns on TCP_NODELAY for accepted connections only when the listener is IPPROTO_TCP."""
+    import asyncio
+    import socket as s
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == s.IPPROTO_TCP
+        flags: list[int] = []
+
+        async def main() -> None:
+            def on_connect(reader, writer):
+                flags.append(writer.get_extra_info("socket").getsockopt(s.IPPROTO_TCP, s.TCP_NODELAY))
+                writer.close()
+
+            server = await asyncio.start_server(on_connect, sock=sock)
+            port = sock.getsockname()[1]
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if flags:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+            server.close()
+
+        asyncio.run(main())
+        assert flags and flags[0] != 0
+    finally:
+        sock.close()

@@ -128,7 +128,10 @@ def _listen(host: str, port: int) -> socket.socket:
     except socket.gaierror as e:
         raise UsageError(f"cannot resolve --host {host!r}: {e.strerror}; use an IP address such as 127.0.0.1") from None
     family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket says it is TCP; without it every keep-alive request after the first waited ~40 ms
+    # for Nagle's algorithm and the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
