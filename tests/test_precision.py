@@ -91,13 +91,15 @@ def test_fp8_policy_places_float8_weights_in_the_blocks_only():
     assert isinstance(blk.linear2.w13, Fp8TapLinear) and isinstance(blk.linear2.w2, Fp8TapLinear)
     assert not hasattr(blk.linear2, "w1")
     assert isinstance(dit.triple_blocks[0].audio_mlp.fc1, Fp8Linear)
-    # modulation producers and everything outside the blocks stay bf16 / fp32
+    # the single blocks' per-token modulation and everything outside the blocks stay bf16 / fp32;
+    # the triple blocks' modulation (one time vector per row) goes to float8
     assert isinstance(blk.modulation.linear, nn.Linear) and blk.modulation.linear.weight.dtype == torch.bfloat16
+    assert isinstance(dit.triple_blocks[0].audio_mod.linear, Fp8Linear)
     assert isinstance(dit.visual_proj.w1, nn.Linear)
     assert dit.final_layer.linear.weight.dtype == torch.float32
-    # per triple block: 2 qkv, 2 self proj, 2 cross q, text kv, 2 cross proj, 2 MLPs x 2 = 13;
-    # per single block: qkv, linear1, the ConvMLP's w13 and w2 = 4
-    assert len(report.fp8) == 2 * 13 + 2 * 4
+    # per triple block: 2 modulations, 2 qkv, 2 self proj, 2 cross q, text kv, 2 cross proj,
+    # 2 MLPs x 2 = 15; per single block: qkv, linear1, the ConvMLP's w13 and w2 = 4
+    assert len(report.fp8) == 2 * 15 + 2 * 4
     assert blk.linear_qkv.quantize_input
     assert before > 0 and report.bytes_after < 0.5 * report.bytes_before
 
@@ -260,7 +262,7 @@ def test_fp8_weight_only_dequantises_into_one_shared_buffer():
     apply_policy(dit, "fp8-weight-only")
     layers = [m for m in dit.modules() if isinstance(m, Fp8Linear)]
     scratch = layers[0].scratch
-    assert len(layers) == 2 * 13 + 2 * 4 and all(m.scratch is scratch for m in layers)
+    assert len(layers) == 2 * 15 + 2 * 4 and all(m.scratch is scratch for m in layers)
     assert scratch.numel == max(m.weight.numel() for m in layers)
     ptrs = set()
     for m in layers:
@@ -337,11 +339,14 @@ def test_weight_bytes_are_counted_without_allocating(config):
 
 
 def test_xxl_fp8_weight_bytes():
-    """XXL: 10.28 GB of bf16 weights. The default fp8 policy keeps the modulation producers (2.55 GB
-    of bf16) out of float8, which leaves 6.47 GB (0.629x); putting them in float8 too gives 0.506x."""
+    """XXL: 10.28 GB of bf16 weights. The default fp8 policy keeps the single blocks' per-token
+    modulation in bf16, which leaves 0.555x (the issue's bound is 0.6x); keeping every modulation
+    producer in bf16 gives 0.629x, putting them all in float8 0.506x."""
     default = weight_bytes_report(xxl_config())
     assert default["bytes"]["bf16"] == 10_283_380_736
-    assert 0.62 < default["ratio_to_bf16"]["fp8"] < 0.63
+    assert 0.55 < default["ratio_to_bf16"]["fp8"] < 0.56 <= 0.6
+    all_bf16 = weight_bytes_report(xxl_config(), policies=("bf16", "fp8"), fp8_exclude=["*.audio_mod.linear", "*.v_cond_mod.linear", "*.modulation.linear"])
+    assert 0.62 < all_bf16["ratio_to_bf16"]["fp8"] < 0.63
     everything = weight_bytes_report(xxl_config(), policies=("bf16", "fp8"), fp8_exclude=[])
     assert everything["ratio_to_bf16"]["fp8"] < 0.51
 
