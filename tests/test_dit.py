@@ -190,3 +190,24 @@ def test_explicit_visual_gather_matches_identity_shortcut(fixtures_dir, tiny_mod
         fast = tiny_model.predict_flow(d["x"], d["t"], cond)
         cond.visual_gather = torch.arange(d["clip_feat"].shape[1])
         assert torch.equal(tiny_model.predict_flow(d["x"], d["t"], cond), fast)
+
+
+def test_conv_layout_and_tap_layout_agree(fixtures_dir, tiny_weights):
+    """The CPU (conv1d) and GPU (tap GEMM) forms of the fused convs compute the same step, and FP8
+    quantises the same tap-major weight from either."""
+    from foleyserve.precision import apply_policy
+
+    config, sd = tiny_weights
+    d = load_file(str(fixtures_dir / "fwd_4s.safetensors"))
+    outs = {}
+    for conv_layout in (False, True):
+        model = build_dit(config)
+        model.load_state_dict(sd, strict=True)
+        model.fuse_for_inference(conv_layout=conv_layout)
+        assert model.single_blocks[0].linear2.w13.conv_layout is conv_layout
+        outs[conv_layout] = _call(model, d)
+        apply_policy(model, "fp8-weight-only")
+        outs[(conv_layout, "fp8")] = model.single_blocks[0].linear2.w13.weight
+    assert rel_l2(outs[True], outs[False]) <= 1e-6
+    assert rel_l2(outs[True], d["out_fp64"]) <= FP32_REL_L2
+    assert torch.equal(outs[(True, "fp8")].view(torch.uint8), outs[(False, "fp8")].view(torch.uint8))

@@ -256,7 +256,7 @@ class Fp8TapLinear(Fp8Linear):
     @classmethod
     def from_tap(cls, tap: TapLinear, quantize_input: bool, out_dtype: torch.dtype, **kwargs) -> "Fp8TapLinear":
         """The float8 form of ``tap`` (same layout, same kernel size)."""
-        return cls(tap.weight.detach(), tap.bias, tap.kernel_size, quantize_input, out_dtype, **kwargs)
+        return cls(tap.tap_major_weight(), tap.bias, tap.kernel_size, quantize_input, out_dtype, **kwargs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", taps={self.kernel_size}"

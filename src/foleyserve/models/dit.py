@@ -416,11 +416,11 @@ class SingleStreamBlock(nn.Module):
         self.q_norm = nn.RMSNorm(hd)
         self.k_norm = nn.RMSNorm(hd)
 
-    def fuse(self) -> None:
+    def fuse(self, conv_layout: bool = False) -> None:
         """Inference form: the k=3 convs become tap GEMMs (w1 and w3 sharing one)."""
         if isinstance(self.linear1, TokenConv1d):
-            self.linear1 = TapLinear.from_convs(self.linear1)
-        self.linear2.fuse()
+            self.linear1 = TapLinear.from_convs(self.linear1, conv_layout=conv_layout)
+        self.linear2.fuse(conv_layout)
 
     def forward(
         self,
@@ -559,16 +559,18 @@ class FoleyDiT(nn.Module):
             text_mask=text_mask,
         )
 
-    def fuse_for_inference(self) -> "FoleyDiT":
+    def fuse_for_inference(self, conv_layout: bool = False) -> "FoleyDiT":
         """Inference layout of the weights: every k=3 token conv becomes a tap GEMM, and each
         ConvMLP's w1 and w3 share one GEMM on their common input. Exact in exact arithmetic (fp32
         agrees with the checkpoint layout to ~1e-7); the state dict no longer has the checkpoint's
-        conv keys, so load checkpoints before calling this (the engine does)."""
+        conv keys, so load checkpoints before calling this (the engine does). ``conv_layout`` keeps
+        the fused weights in convolution layout (see :class:`~foleyserve.models.layers.TapLinear`),
+        faster on CPUs. A second call changes nothing."""
         for block in self.single_blocks:
-            block.fuse()
+            block.fuse(conv_layout)
         for module in self.sync_in.modules():
             if isinstance(module, ConvMLP):
-                module.fuse()
+                module.fuse(conv_layout)
         return self
 
     # -- per step -----------------------------------------------------------------------------
