@@ -17,7 +17,19 @@ OUR state dict (the keys are identical by design; the tensors are shared, not co
 the same run with the runs interleaved (ours, official, ours, official, ...), and the outputs are
 compared. Each row is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones.
 
-Also home of :func:`dit_flops`, the analytic FLOP count of one DiT call (used by bench/gpu.py).
+``--compiled`` adds a third column, interleaved with the other two: the same step run by the
+compiled step runner (``foleyserve.pipeline.stepgraph.StepGraphs``, Inductor; on CUDA also captured
+in a CUDA graph), i.e. ``euler_cfg_step`` as ``sample_latents(..., runner=StepGraphs())`` runs it:
+the CFG pair's model call plus the guidance combine and the Euler update (a few elementwise ops on
+the ``[1, 128, La]`` latents on top of the model call). The first call, which compiles, is timed
+separately (``compiled_first_call_s``) and is not a timed repeat; the graphs dynamo compiled and
+its graph breaks during that call are recorded (``compiled_graphs``, ``compiled_graph_breaks``),
+and the compiled step's output is compared with the same step run eagerly.
+
+Ours always runs the engine's inference layout: the precision policy is applied for fp32 too
+(``apply_policy`` calls ``fuse_for_inference``: tap-GEMM convs, fused w1|w3), as the engine does.
+
+Also home of :func:`dit_flops`, the analytic FLOP count of one DiT call (used by bench/device_check.py).
 """
 
 from __future__ import annotations
@@ -237,9 +249,9 @@ def prepare_ours(size: str, precision: str, device: torch.device, seed: int) -> 
 
 
 def apply_policy_or_reason(dit: torch.nn.Module, precision: str) -> tuple[str | None, str]:
-    """(reason it cannot run or None, note on what the policy kept in fp32)."""
-    if precision == "fp32":
-        return None, ""
+    """(reason it cannot run or None, note on what the policy kept in fp32).
+
+    Applied for fp32 too: every policy puts the model in the inference layout the engine runs."""
     try:
         from foleyserve.precision import apply_policy
     except ImportError as e:
@@ -250,6 +262,57 @@ def apply_policy_or_reason(dit: torch.nn.Module, precision: str) -> tuple[str | 
         return (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__), ""
     kept = getattr(report, "kept_fp32", None) or []
     return None, (f"ours keeps {', '.join(kept)} in fp32 (policy default)" if kept else "")
+
+
+def _step_operands(inputs: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(x, t, dsigma, scales) of one CFG step as the sampler passes them: batch-1 latents (the
+    step duplicates them into the CFG pair), 0-d float32 timestep and sigma delta, [1, 1, 1] scales."""
+    x = inputs["x"][:1].contiguous()
+    t = inputs["t"][0].clone()
+    dsigma = torch.tensor(-1.0 / 50, device=device)
+    scales = torch.full((1, 1, 1), 4.5, device=device)
+    return x, t, dsigma, scales
+
+
+def euler_step_eager(ours: torch.nn.Module, conditions: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    from foleyserve.pipeline.sampler import euler_cfg_step
+
+    x, t, dsigma, scales = _step_operands(inputs, x_device(inputs))
+    return euler_cfg_step(ours.predict_flow, x, t, dsigma, conditions, scales, True)
+
+
+def x_device(inputs: Mapping[str, torch.Tensor]) -> torch.device:
+    return inputs["x"].device
+
+
+def prepare_compiled(
+    ours: torch.nn.Module, conditions: Any, inputs: Mapping[str, torch.Tensor], row: dict[str, Any],
+    device: torch.device, *, log: Callable[[str], None],
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled step (StepGraphs) bound to this row's conditions, compiled by its first call.
+
+    Records the first call's wall time (compile + one step), what dynamo compiled and its graph
+    breaks in ``row``; returns None (with ``compiled_unavailable`` in ``row``) when it fails."""
+    from foleyserve.pipeline.stepgraph import StepGraphs, compile_counters
+
+    x, t, dsigma, scales = _step_operands(inputs, device)
+    runner = StepGraphs()
+    try:
+        runner.begin(ours, conditions, scales, True, None)
+        log("compiling the step (StepGraphs, Inductor) ...")
+        with compile_counters() as counts:
+            first, _ = timed(lambda: runner.step(x, t, dsigma), device)
+    except Exception as e:  # noqa: BLE001 - a compile failure is a result to report, not a crash
+        row["compiled_unavailable"] = f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        log(f"compiled: {row['compiled_unavailable']}")
+        return None
+    row["compiled_first_call_s"] = first
+    row["compiled_graphs"] = counts["graphs"]
+    row["compiled_graph_breaks"] = counts["graph_breaks"]
+    row["compiled_buckets"] = runner.stats.compiled_buckets
+    row["compiled_cuda_graph_captures"] = runner.stats.captures
+    log(f"compiled: first call {first:.1f} s (compile + one step), {counts['graphs']} graph(s), {counts['graph_breaks']} graph break(s)")
+    return lambda: runner.step(x, t, dsigma)
 
 
 def _fingerprint(module: torch.nn.Module) -> float:
@@ -268,6 +331,7 @@ def bench_size(
     device: torch.device,
     official_module: types.ModuleType | None,
     log: Callable[[str], None],
+    compiled: bool = False,
 ) -> list[dict[str, Any]]:
     from foleyserve.metrics import max_abs, rel_l2
     from foleyserve.pipeline.random_models import dit_config
@@ -321,19 +385,36 @@ def bench_size(
                                 x=inputs["x"], t=inputs["t"], clip_feat=inputs["clip_feat"], cond=inputs["cond"], sync_feat=inputs["sync_feat"]
                             )["x"]
 
-                    ours_times, official_times = [], []
-                    out_ours = out_official = None
+                    compiled_step = None
+                    if compiled:
+                        compiled_step = prepare_compiled(ours, conditions, inputs, row, device, log=lambda m: log(f"{size} {precision} {seconds:g} s: {m}"))
+
+                    ours_times, official_times, compiled_times = [], [], []
+                    out_ours = out_official = out_compiled = None
                     for i in range(warmup + repeats):
                         t_ours, out_ours = timed(ours_step, device)
+                        t_comp = None
+                        if compiled_step is not None:
+                            t_comp, out_compiled = timed(compiled_step, device)
                         t_off = None
                         if official is not None:
                             t_off, out_official = timed(official_forward, device)
                         if i >= warmup:
                             ours_times.append(t_ours)
+                            if t_comp is not None:
+                                compiled_times.append(t_comp)
                             if t_off is not None:
                                 official_times.append(t_off)
-                        log(f"{size} {precision} {seconds:g} s: ours {t_ours:.3f} s" + (f", official {t_off:.3f} s" if t_off else "")
+                        log(f"{size} {precision} {seconds:g} s: ours {t_ours:.3f} s"
+                            + (f", compiled {t_comp:.3f} s" if t_comp is not None else "")
+                            + (f", official {t_off:.3f} s" if t_off else "")
                             + (" (warm-up)" if i < warmup else ""))
+                    if compiled_step is not None:
+                        # The same step eagerly (model call + CFG + Euler), to check the compiled output.
+                        with autocast_for(compute, device):
+                            eager_step = euler_step_eager(ours, conditions, inputs)
+                        row["compiled_vs_eager_rel_l2"] = rel_l2(out_compiled.float(), eager_step.float())
+                        row["compiled_vs_eager_max_abs"] = max_abs(out_compiled.float(), eager_step.float())
             except (RuntimeError, NotImplementedError, TypeError) as e:
                 row["unavailable"] = f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                 log(f"{size} {precision} {seconds:g} s: {row['unavailable']}")
@@ -342,6 +423,11 @@ def bench_size(
             row["ours_s_all"] = ours_times
             row["ours_tflops"] = row["flops_ours"] / row["ours_s"] / 1e12
             row["ours_tflops_official_count"] = row["flops_official"] / row["ours_s"] / 1e12
+            if compiled_times:
+                row["compiled_s"] = statistics.median(compiled_times)
+                row["compiled_s_all"] = compiled_times
+                row["compiled_over_eager"] = row["compiled_s"] / row["ours_s"]
+                row["compile_s"] = row["compiled_first_call_s"] - row["compiled_s"]
             if official_times:
                 row["official_s"] = statistics.median(official_times)
                 row["official_s_all"] = official_times
@@ -349,8 +435,14 @@ def bench_size(
                 row["official_tflops"] = row["flops_official"] / row["official_s"] / 1e12
                 row["max_abs_diff"] = max_abs(out_ours.float(), out_official.float())
                 row["rel_l2"] = rel_l2(out_ours.float(), out_official.float())
+                if compiled_times:
+                    row["compiled_over_official"] = row["compiled_s"] / row["official_s"]
             del inputs, conditions
+            compiled_step = None
         del ours, official
+        if compiled:
+            # Dynamo's cache holds the compiled step, and through it the model: drop it before the next one.
+            torch._dynamo.reset()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -358,6 +450,38 @@ def bench_size(
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
+    table = _format_main(rows)
+    if any("compiled_s" in r or "compiled_unavailable" in r for r in rows):
+        table += "\n\n" + format_compiled(rows)
+    return table
+
+
+def format_compiled(rows: list[dict[str, Any]]) -> str:
+    """The compiled column beside eager ours and the official module (same run, interleaved)."""
+    lines = [
+        "| size | clip s | precision | ours eager s/step | ours compiled s/step | official s/forward | compiled / eager | compiled / official | eager / official | first compiled call s (compile + 1 step) | graphs / breaks | compiled vs eager rel_l2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['size']} | {r['seconds']:g} | {r['precision']} |"
+        if "unavailable" in r:
+            lines.append(f"{head} unavailable: {r['unavailable']} | | | | | | | | |")
+            continue
+        if "compiled_s" not in r:
+            lines.append(f"{head} {r['ours_s']:.4f} | {r.get('compiled_unavailable', '-')} | | | | | | | |")
+            continue
+        off = f"{r['official_s']:.4f}" if "official_s" in r else "-"
+        c_off = f"**{r['compiled_over_official']:.3f}**" if "compiled_over_official" in r else "-"
+        e_off = f"{r['ratio']:.3f}" if "ratio" in r else "-"
+        rel = f"{r['compiled_vs_eager_rel_l2']:.2e}" if "compiled_vs_eager_rel_l2" in r else "-"
+        lines.append(
+            f"{head} {r['ours_s']:.4f} | {r['compiled_s']:.4f} | {off} | **{r['compiled_over_eager']:.3f}** | {c_off} | {e_off} | "
+            f"{r['compiled_first_call_s']:.1f} | {r['compiled_graphs']} / {r['compiled_graph_breaks']} | {rel} |"
+        )
+    return "\n".join(lines)
+
+
+def _format_main(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| size | clip s | La / Lv / Ls / Lt | precision | ours s/step (median) | official s/forward | ours / official | max abs diff | rel_l2 | GFLOP per call (official count) | ours TFLOP/s (official count) | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -394,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--reference-repo", type=Path, help="local checkout of Tencent-Hunyuan/HunyuanVideo-Foley to time side by side")
     ap.add_argument("--json", type=Path, help="also write the rows and machine details as JSON")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time ours through the compiled step runner (StepGraphs), interleaved; compile time reported apart")
     args = ap.parse_args(argv)
 
     from foleyserve.commands.profile import describe_machine, machine_info
@@ -428,10 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for size in sizes:
         rows += bench_size(size, seconds_list=seconds_list, precisions=precisions, text_len=args.text_tokens,
-                           repeats=args.repeats, warmup=args.warmup, device=device, official_module=official_module, log=log)
+                           repeats=args.repeats, warmup=args.warmup, device=device, official_module=official_module, log=log,
+                           compiled=args.compiled)
     machine_after = machine_info()
     print(f"# DiT per step, batch 2 (one CFG pair), {device}; median of {args.repeats} after {args.warmup} warm-up; "
-          f"runs of ours and the official model interleaved")
+          f"runs of ours{' (eager, compiled)' if args.compiled else ''} and the official model interleaved")
     print(f"# {describe_machine(machine)}; load average at the end {machine_after.get('load_average')}")
     if args.reference_repo is not None:
         print(f"# official: {args.reference_repo} (hunyuanvideo_foley.models.hifi_foley), given our random state dict")
