@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
-
-from foleyserve.models.dit import build_dit, tiny_config
 from transformers import AutoTokenizer
 
+from foleyserve.models.dit import build_dit, tiny_config
 from foleyserve.models.encoders import build_clap_text, build_siglip_vision
 from foleyserve.models.synchformer import build_synchformer_visual
 from foleyserve.models.vae import build_dac
+from foleyserve.pipeline.components import Components
 
 FEATURE_DIM = 32  # width of the toy encoders, and so of the DiT's conditioning inputs
 
@@ -77,8 +77,6 @@ def demo_tokenizer():
 
 
 def demo_components(device: torch.device, seed: int = 0):
-    from foleyserve.pipeline.pipeline import Components
-
     gen = torch.Generator().manual_seed(seed)
     tokenizer = demo_tokenizer()
     dit = build_dit(demo_dit_config(), seed=seed)

@@ -25,6 +25,7 @@ from foleyserve.models.encoders import load_clap_text, load_siglip_vision
 from foleyserve.models.loading import CheckpointError, load_into, read_checkpoint
 from foleyserve.models.synchformer import build_synchformer_visual, split_synchformer_state_dict
 from foleyserve.models.vae import dac_from_checkpoint
+from foleyserve.pipeline.components import Components
 
 log = logging.getLogger("foleyserve")
 
@@ -131,8 +132,6 @@ def load_components(
     clap_dir: str | Path | None = None,
 ):
     """Load every network of the official release into ``device``; the DiT in ``dtype``."""
-    from foleyserve.pipeline.pipeline import Components
-
     root = Path(model_dir)
     if root.exists() and not root.is_dir():
         raise ModelFolderError(f"model folder {root} is a file, not a folder: pass the folder that holds the weights, or {HOW_TO_GET}")

@@ -15,7 +15,8 @@ import torch
 
 from foleyserve import media
 from foleyserve.config import EngineConfig
-from foleyserve.models.dit import FoleyDiT
+# Re-exported: Components lived here before it moved out to break the loaders' import circle.
+from foleyserve.pipeline.components import Components
 from foleyserve.pipeline.features import (
     TextFeatures,
     VisualFeatures,
@@ -77,21 +78,6 @@ TEXT_BUCKET = 77
 def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     """Zero-pad the token axis of ``[B, L, C]`` to ``n`` (the caller masks the padding)."""
     return torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[1]))
-
-
-@dataclass
-class Components:
-    """The loaded networks of one model, ready to run."""
-
-    dit: FoleyDiT
-    dac: torch.nn.Module
-    synchformer: torch.nn.Module
-    siglip: torch.nn.Module
-    clap: torch.nn.Module
-    tokenizer: object
-    name: str
-    device: torch.device
-    is_demo: bool = False
 
 
 @dataclass
