@@ -106,7 +106,7 @@ def timeit(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 on the CPU (NaN/inf show up as such, never pass)."""
-    from foleyserve.metrics import rel_l2
+    from foleyserve.fidelity_measures import rel_l2
 
     return rel_l2(a.detach().double().cpu(), b.detach().double().cpu())
 

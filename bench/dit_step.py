@@ -333,7 +333,7 @@ def bench_size(
     log: Callable[[str], None],
     compiled: bool = False,
 ) -> list[dict[str, Any]]:
-    from foleyserve.metrics import max_abs, rel_l2
+    from foleyserve.fidelity_measures import max_abs, rel_l2
     from foleyserve.pipeline.random_models import dit_config
 
     config = dit_config(size)

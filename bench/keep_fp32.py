@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from foleyserve.metrics import rel_l2
+from foleyserve.fidelity_measures import rel_l2
 from foleyserve.models import build_dit
 from foleyserve.pipeline.sampler import sample_latents
 from foleyserve.precision import apply_policy, module_bytes
@@ -64,7 +64,7 @@ def fp8_exclude_table(args: argparse.Namespace) -> int:
 
     from foleyserve.commands.fidelity import fixture_subject, sample
     from foleyserve.commands.profile import machine_info
-    from foleyserve.metrics import log_mel_distance, snr_db
+    from foleyserve.fidelity_measures import log_mel_distance, snr_db
     from foleyserve.precision import DEFAULT_FP8_EXCLUDE, weight_bytes_report
 
     os.environ.setdefault("FOLEYSERVE_SHARED", str(args.shared))

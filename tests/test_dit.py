@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from foleyserve.metrics import max_abs, rel_l2
+from foleyserve.fidelity_measures import max_abs, rel_l2
 from foleyserve.models import build_dit, xl_config, xxl_config
 from foleyserve.models.dit import DiTConfig, tiny_config
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import load_fixture_model
-from foleyserve.metrics import max_abs, rel_l2
+from foleyserve.fidelity_measures import max_abs, rel_l2
 from foleyserve.models import build_dac, build_dit
 from foleyserve.pipeline.demo import sample_clip_path
 from foleyserve.pipeline.features import TextFeatures, VisualFeatures

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import load_fixture_model
-from foleyserve.metrics import rel_l2
+from foleyserve.fidelity_measures import rel_l2
 from foleyserve.models import build_dit
 from foleyserve.models.dit import tiny_config, xxl_config
 from foleyserve.models.layers import ConvMLP, TapLinear, TokenConv1d, rope_operands, shifted_tap_sum

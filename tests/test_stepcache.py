@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import load_fixture_model
-from foleyserve.metrics import rel_l2
+from foleyserve.fidelity_measures import rel_l2
 from foleyserve.models import build_dit
 from foleyserve.pipeline.sampler import sample_latents
 from foleyserve.pipeline.stepcache import StepCache

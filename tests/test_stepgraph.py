@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from foleyserve.metrics import rel_l2
+from foleyserve.fidelity_measures import rel_l2
 from foleyserve.models.dit import build_dit, xxl_config
 from foleyserve.pipeline.sampler import sample_latents
 from foleyserve.pipeline.stepcache import StepCache

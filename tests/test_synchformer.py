@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from foleyserve.metrics import max_abs, rel_l2
+from foleyserve.fidelity_measures import max_abs, rel_l2
 from foleyserve.models.synchformer import (
     build_synchformer_visual,
     preprocess_frames_uint8,

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from foleyserve.metrics import max_abs, rel_l2
+from foleyserve.fidelity_measures import max_abs, rel_l2
 from foleyserve.models.vae import DAC, build_dac, dac_from_checkpoint
 
 # README "Tolerances": float32 implementation vs the official float32 output on CPU.

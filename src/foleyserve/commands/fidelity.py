@@ -283,7 +283,7 @@ def compare(
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Every precision x cache setting against the fp32 no-cache reference."""
-    from foleyserve.metrics import log_mel_distance, rel_l2, snr_db
+    from foleyserve.fidelity_measures import log_mel_distance, rel_l2, snr_db
 
     say = log or (lambda _line: None)
     if subject.reference_dit is None:

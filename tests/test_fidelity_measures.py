@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from foleyserve.metrics import (
+from foleyserve.fidelity_measures import (
     log_mel_distance,
     log_mel_spectrogram,
     max_abs,
