@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from foleyserve import Engine, media
 from foleyserve.config import EngineConfig
 from foleyserve.server import app as server_app
+from foleyserve.server import service as server_service
 from foleyserve.server.app import create_app
 from foleyserve.server.jobs import JobRecord, JobStore
 from foleyserve.server.settings import ServerConfig
@@ -620,7 +621,7 @@ def test_progress_writes_are_throttled_but_status_changes_are_not(serve, monkeyp
     real = service.store.update_if_active
     monkeypatch.setattr(service.store, "update_if_active", lambda i, **kw: writes.append(kw) or real(i, **kw))
     clock = [1000.0]
-    monkeypatch.setattr(server_app.time, "time", lambda: clock[0])
+    monkeypatch.setattr(server_service.time, "time", lambda: clock[0])
 
     for step in range(1, 41):  # 40 steps, 10 ms apart: 0.4 s
         service._on_update(SimpleNamespace(id=job_id, status="running", progress=(step, 50)))

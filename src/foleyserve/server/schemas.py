@@ -1,0 +1,71 @@
+"""The JSON bodies the API answers with (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_video, queue_full, not_found")
+    message: str = Field(description="What went wrong and what to do about it")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Progress(BaseModel):
+    step: int = Field(description="Denoising steps done")
+    total: int = Field(description="Denoising steps in all (0 until the job reaches the denoiser)")
+
+
+class JobBody(BaseModel):
+    id: str = Field(description="Server-generated job id (32 hex digits)")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    priority: str = Field(description="interactive or bulk")
+    progress: Progress
+    cache_hit: bool = Field(description="True when the result came from the result cache (no model ran)")
+    timings: dict[str, float] = Field(description="Seconds per pipeline stage (decode, siglip2, synchformer, clap, dit, dac, write)")
+    error: ErrorInfo | None = Field(description="Why the job failed; null otherwise")
+    created: float = Field(description="Unix time the upload was accepted")
+    started: float | None = Field(description="Unix time the job started running")
+    finished: float | None = Field(description="Unix time the job ended")
+    audio_url: str | None = Field(description="Where to download the audio once succeeded")
+    video_url: str | None = Field(description="Where to download the mp4 once succeeded (output=mp4 only)")
+    expired: bool = Field(description="True when retention deleted the result files")
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    output: str = Field(description="Requested format: mp4, wav or flac")
+    keep_original_audio: float | None = Field(description="Gain of the source video's own sound mixed under the Foley (mp4)")
+    duration: float | None = Field(description="Seconds of generated audio")
+    video_duration: float | None = Field(description="Seconds of the uploaded video")
+    batch_size: int | None = Field(description="Jobs that shared this job's denoising loop")
+    warnings: list[str] = Field(description="Notes about the result (e.g. a video longer than the model covers)")
+
+
+class JobList(BaseModel):
+    items: list[JobBody] = Field(description="Most recent first")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model: str
+    precision: str
+    device: str
+
+
+ERROR_RESPONSES = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API key"},
+    404: {"model": ErrorBody, "description": "Unknown job id"},
+}
+
+

@@ -1,0 +1,413 @@
+"""The job lifecycle behind the routes: load the engine, submit and cancel jobs, record their
+state as the batcher reports it, keep their results, recover after a restart, enforce retention."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from foleyserve import media
+from foleyserve.config import EngineConfig
+from foleyserve.pipeline.requests import GenerationRequest, RequestError
+from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
+from foleyserve.server.prometheus import LiveSources, ServerMetrics
+from foleyserve.server.settings import ServerConfig
+
+log = logging.getLogger("foleyserve.server")
+
+PROGRESS_WRITE_INTERVAL_S = 0.2
+# Batcher error codes whose message is meant for the user (the others are internal).
+USER_ERROR_CODES = ("invalid_video", "video_too_short", "invalid_request", "invalid_parameter")
+
+class Service:
+    """The state behind the routes: store, metrics, and (once loaded) engine, cache and batcher."""
+
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig | None, engine: Any | None) -> None:
+        if engine is None and engine_config is None:
+            raise ValueError("create_app needs an engine_config (to load a model) or a prebuilt engine")
+        self.config = config
+        self.engine_config = engine_config
+        self.engine = engine
+        self.store = JobStore(config.data_dir)
+        self.cache: Any | None = None
+        self.batcher: Any | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        # Set while compiled steps are being warmed up: {"done", "total", "current"}.
+        self.warmup: dict[str, Any] | None = None
+        self.metrics = ServerMetrics(
+            LiveSources(
+                queue_depth=lambda: self.batcher.queue_depth() if self.batcher is not None else None,
+                cache_stats=lambda: self.cache.stats() if self.cache is not None else None,
+                ready=self.ready.is_set,
+                engine_info=self.engine_info,
+            )
+        )
+        self._lock = threading.Lock()
+        self._progress_written: dict[str, float] = {}
+        self._user_cancelled: set[str] = set()
+        self._stopping = False
+        self._stop_janitor = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.engine is not None:
+            self._load()  # nothing slow left to do: be ready before the first request
+        else:
+            t = threading.Thread(target=self._load, name="foleyserve-loader", daemon=True)
+            t.start()
+            self._threads.append(t)
+        janitor = threading.Thread(target=self._janitor, name="foleyserve-retention", daemon=True)
+        janitor.start()
+        self._threads.append(janitor)
+
+    def stop(self) -> None:
+        """Shut down: queued jobs stay queued on disk (the next start re-runs them); the running
+        batch gets ``shutdown_grace_s`` to finish, then is cut short and also re-runs next time."""
+        with self._lock:
+            self._stopping = True
+        self._stop_janitor.set()
+        self.ready.clear()
+        batcher, cache = self.batcher, self.cache
+        if batcher is not None:
+            try:
+                batcher.stop(timeout=self.config.shutdown_grace_s)
+                leftovers = [rec.id for rec in self.store.active() if batcher.cancel(rec.id)]
+                if leftovers:
+                    log.info("shutdown: %d running job(s) cut short; they re-run on the next start", len(leftovers))
+                    batcher.stop(timeout=10.0)
+            except Exception:
+                log.exception("stopping the batcher failed")
+        if cache is not None:
+            try:
+                cache.close()
+            except Exception:
+                log.exception("closing the cache failed")
+        self.store.close()
+
+    def _load(self) -> None:
+        try:
+            from foleyserve.runtime.batcher import Batcher, BatcherConfig
+            from foleyserve.runtime.cache import FoleyCache
+
+            engine = self.engine
+            if engine is None:
+                from foleyserve.pipeline.pipeline import Engine
+
+                log.info("loading the model (%s)", self.engine_config)
+                engine = Engine.from_config(self.engine_config)  # type: ignore[arg-type]
+            c = self.config
+            cache = FoleyCache(
+                None if c.cache == "off" else c.cache,
+                directory=c.resolved_cache_dir,
+                max_bytes=int(c.cache_max_gb * 2**30),
+                namespace=f"{engine.components.name}|{engine.precision}",
+                memory_bytes=int(c.cache_memory_mb * 2**20),
+            )
+            self._warm_up(engine)
+            batcher = Batcher(
+                engine,
+                BatcherConfig(
+                    max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
+                    max_queue=c.max_queue, length_bucket=c.length_bucket,
+                ),
+                cache,
+                on_update=self._on_update,
+                on_batch=self._on_batch,
+            )
+            batcher.start()
+        except Exception as e:
+            log.exception("the model or the serving runtime failed to load; /readyz stays 503")
+            self.load_error = f"{type(e).__name__}: {e}"
+            return
+        with self._lock:
+            stopping = self._stopping
+            if not stopping:
+                self.engine, self.cache, self.batcher = engine, cache, batcher
+        if stopping:  # the app shut down while the model was loading
+            batcher.stop(timeout=1.0)
+            cache.close()
+            return
+        try:
+            self._recover()
+        except Exception:
+            log.exception("re-queueing the jobs of the previous run failed; they stay as recorded")
+        self.ready.set()
+        log.info("ready: model %s, precision %s, device %s", engine.components.name, engine.precision, engine.device)
+
+    def _warm_up(self, engine: Any) -> None:
+        """Compile the profile's step buckets before the server reports ready (compile on only)."""
+        c = self.config
+        if not getattr(engine, "compiled", False) or not c.warmup_seconds:
+            return
+
+        def progress(done: int, total: int, what: str) -> None:
+            self.warmup = {"done": done, "total": total, "current": what}
+            log.info("warm-up %d/%d: %s", done, total, what)
+
+        records = engine.warm_up(c.warmup_seconds, batch_sizes=c.warmup_batch_sizes, progress=progress)
+        self.warmup = {"done": len(records), "total": len(records), "current": "done", "buckets": records}
+
+    def engine_info(self) -> dict[str, str] | None:
+        e = self.engine if self.ready.is_set() else None
+        if e is None:
+            return None
+        return {"model": str(e.components.name), "precision": str(e.precision), "device": str(e.device)}
+
+    # -- restart recovery and retention -----------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Re-queue jobs a previous process left queued or running, if their upload survived."""
+        from foleyserve.runtime.batcher import QueueFull
+
+        requeued = failed = 0
+        live: list[str] = []
+        for rec in self.store.active():
+            upload = self.store.upload_path(rec.id)
+            if rec.upload and upload.is_file():
+                self.store.update(rec.id, status="queued", started=None, progress_step=0, progress_total=0)
+                try:
+                    self.batcher.submit(self._request_for(rec, upload), priority=rec.priority, job_id=rec.id)  # type: ignore[union-attr]
+                    requeued += 1
+                    live.append(upload.name)
+                    continue
+                except (QueueFull, RequestError) as e:
+                    why = f"it could not be re-queued after a restart ({e}); submit it again"
+            else:
+                why = f"the server stopped while this job was {rec.status} and its upload is gone; submit it again"
+            self._fail_now(rec.id, "interrupted", why)
+            failed += 1
+        for orphan in self.store.orphan_uploads(keep=live):
+            unlink(orphan)
+        if requeued or failed:
+            log.info("restart: %d interrupted job(s) re-queued, %d marked failed", requeued, failed)
+
+    def _fail_now(self, job_id: str, code: str, message: str) -> None:
+        if self.store.update_if_active(
+            job_id, status="failed", finished=time.time(), error_code=code, error_message=message, upload=None
+        ):
+            self.metrics.requests.labels(status="failed").inc()
+        unlink(self.store.upload_path(job_id))
+
+    def enforce_retention(self, now: float | None = None) -> list[str]:
+        c = self.config
+        expired = self.store.enforce_retention(
+            max_age_s=c.retention_hours * 3600 if c.retention_hours is not None else None,
+            max_bytes=int(c.retention_max_gb * 2**30) if c.retention_max_gb is not None else None,
+            now=now,
+        )
+        if expired:
+            log.info("retention: deleted the results of %d job(s)", len(expired))
+        return expired
+
+    def _janitor(self) -> None:
+        while True:
+            try:
+                self.enforce_retention()
+            except Exception:
+                log.exception("result retention failed; will retry")
+            if self._stop_janitor.wait(self.config.retention_interval_s):
+                return
+
+    # -- batcher callbacks (worker threads) --------------------------------------------------------
+
+    def _on_batch(self, size: int, stages: dict[str, float]) -> None:
+        try:
+            self.metrics.observe_batch(size, stages)
+        except Exception:
+            log.exception("recording batch metrics failed")
+
+    def _on_update(self, job: Any) -> None:
+        # Never let bookkeeping break the batcher's worker: a failure here is logged and the job
+        # stays as last recorded (a restart re-queues it from its upload).
+        try:
+            self._record(job)
+        except Exception:
+            log.exception("recording the state of job %s failed", getattr(job, "id", "?"))
+
+    def _record(self, job: Any) -> None:
+        status = job.status
+        step, total = job_progress(job)
+        now = time.time()
+        if status == "running":
+            with self._lock:
+                last = self._progress_written.get(job.id)
+                if last is not None and now - last < PROGRESS_WRITE_INTERVAL_S:
+                    return
+                self._progress_written[job.id] = now
+            changes: dict[str, Any] = {"status": "running", "progress_step": step, "progress_total": total}
+            if last is None:
+                rec = self.store.get(job.id)
+                if rec is not None and rec.started is None:
+                    changes["started"] = now
+                    self.metrics.queue_wait_seconds.observe(max(now - rec.created, 0.0))
+            self.store.update_if_active(job.id, **changes)
+            return
+        if status not in FINAL_STATUSES:
+            return
+        with self._lock:
+            self._progress_written.pop(job.id, None)
+            user_cancelled = job.id in self._user_cancelled
+            self._user_cancelled.discard(job.id)
+            if self._stopping and status != "succeeded" and not user_cancelled:
+                # Shutting down: keep the job queued with its upload so the next start re-runs it.
+                return
+        rec = self.store.get(job.id)
+        if rec is None or rec.is_final:
+            return
+        # A result-cache hit never reports "running": it starts and ends at once.
+        started = rec.started if rec.started is not None or status != "succeeded" else now
+        changes = {
+            "status": status, "started": started, "finished": now, "cache_hit": bool(getattr(job, "cache_hit", False)),
+            "batch_size": getattr(job, "batch_size", None), "progress_step": step, "progress_total": total,
+            "upload": None,
+        }
+        if status == "succeeded":
+            try:
+                changes.update(self._keep_result(job, rec))
+            except Exception as e:
+                log.exception("saving the result of job %s failed", job.id)
+                self.store.remove_results(job.id)
+                changes.update(status="failed", error_code="result_write_failed",
+                               error_message=f"the result could not be saved on the server ({type(e).__name__}); submit the job again")
+        else:
+            self.store.remove_results(job.id)
+            if status == "failed":
+                code, message = self._describe_failure(job)
+                changes.update(error_code=code, error_message=message)
+            else:
+                changes.update(error_code="cancelled", error_message="the job was cancelled")
+        if self.store.update_if_active(job.id, **changes):
+            self.metrics.observe_finished(
+                changes["status"], timings=changes.get("timings", {}),
+                seconds=now - rec.created, audio_seconds=changes.get("audio_seconds"),
+            )
+        unlink(self.store.upload_path(job.id))
+
+    def _keep_result(self, job: Any, rec: JobRecord) -> dict[str, Any]:
+        result = job.result
+        if result is None:
+            raise RuntimeError("the batcher reported success without a result")
+        fmt = rec.params["output"]
+        main = self.store.result_path(f"{rec.id}.{fmt}")
+        if not main.is_file():
+            raise FileNotFoundError(f"the batcher did not write {main.name}")
+        files = {"video" if fmt == "mp4" else "audio": main.name}
+        if fmt == "mp4":
+            # Players and the web page want the audio on its own; writing it now costs a few ms
+            # and spares the download route from demuxing AAC.
+            wav = self.store.result_path(f"{rec.id}.wav")
+            media.write_audio(wav, result.waveform, result.sample_rate)
+            files["audio"] = wav.name
+        size = sum(self.store.result_path(n).stat().st_size for n in files.values())
+        return {
+            "files": files,
+            "result_bytes": size,
+            "timings": {k: float(v) for k, v in (result.timings or {}).items()},
+            "audio_seconds": float(result.audio_seconds),
+            "video_seconds": float(result.video_seconds),
+            "warnings": [self._scrub(str(w), rec.id) for w in (result.warnings or [])],
+        }
+
+    def _describe_failure(self, job: Any) -> tuple[str, str]:
+        err = job.error
+        code = job.error_code
+        if code in USER_ERROR_CODES or isinstance(err, (RequestError, media.MediaError)):
+            default = "invalid_video" if isinstance(err, media.MediaError) else "invalid_request"
+            return code or default, self._scrub(str(err), job.id)
+        # The batcher logged the traceback; the client gets no internals (paths, library errors).
+        log.warning("job %s failed with an internal error: %s", job.id, err)
+        return (
+            "internal_error" if code in (None, "internal") else code,
+            f"the generation failed with an internal error; the server log has the details (job {job.id})",
+        )
+
+    def _scrub(self, text: str, job_id: str) -> str:
+        """Server paths out of messages shown to clients."""
+        upload = self.store.upload_path(job_id)
+        for p in {str(upload.resolve()), str(upload)}:
+            text = text.replace(p, "the uploaded video")
+        for p in {str(self.store.results_dir.resolve()), str(self.store.results_dir)}:
+            text = text.replace(p + "/", "").replace(p, "the results folder")
+        return text
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _request_for(self, rec: JobRecord, upload: Path) -> GenerationRequest:
+        p = rec.params
+        return GenerationRequest(
+            video=upload, prompt=p["prompt"], negative_prompt=p["negative_prompt"], steps=int(p["steps"]),
+            guidance=float(p["guidance"]), seed=int(p["seed"]),
+            output=self.store.result_path(f"{rec.id}.{p['output']}"),
+            keep_original_audio_gain=p.get("keep_original_audio"),
+        )
+
+    def body(self, rec: JobRecord, root: str = "") -> dict[str, Any]:
+        step, total, status = rec.progress_step, rec.progress_total, rec.status
+        batcher = self.batcher
+        if status in ACTIVE_STATUSES and batcher is not None:
+            # Progress is written to disk at most every 0.2 s; the live job is fresher.
+            live = batcher.get(rec.id)
+            if live is not None and live.status in ACTIVE_STATUSES:
+                status = live.status
+                step, total = job_progress(live)
+        ok = rec.status == "succeeded" and rec.expired is None
+        base = f"{root}/v1/generations/{rec.id}"
+        p = rec.params
+        return {
+            "id": rec.id, "status": status, "priority": rec.priority,
+            "progress": {"step": step, "total": total},
+            "cache_hit": rec.cache_hit, "timings": rec.timings,
+            "error": {"code": rec.error_code or "failed", "message": rec.error_message or ""} if rec.status == "failed" else None,
+            "created": rec.created, "started": rec.started, "finished": rec.finished,
+            "audio_url": f"{base}/audio" if ok and "audio" in rec.files else None,
+            "video_url": f"{base}/video" if ok and "video" in rec.files else None,
+            "expired": rec.expired is not None,
+            "prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "steps": p["steps"],
+            "guidance": p["guidance"], "seed": p["seed"], "output": p["output"],
+            "keep_original_audio": p.get("keep_original_audio"),
+            "duration": rec.audio_seconds, "video_duration": rec.video_seconds,
+            "batch_size": rec.batch_size, "warnings": rec.warnings,
+        }
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._user_cancelled.add(job_id)
+        batcher = self.batcher
+        if batcher is not None and batcher.cancel(job_id):
+            return  # queued: cancelled now (on_update records it); running: leaves at the next step
+        with self._lock:
+            self._user_cancelled.discard(job_id)
+        if batcher is not None and batcher.get(job_id) is not None:
+            return  # it ended just now; on_update records how
+        # Unknown to the batcher (its row awaits re-queueing while the model loads): end it here.
+        if self.store.update_if_active(
+            job_id, status="cancelled", finished=time.time(), error_code="cancelled",
+            error_message="the job was cancelled", upload=None,
+        ):
+            self.metrics.requests.labels(status="cancelled").inc()
+            unlink(self.store.upload_path(job_id))
+
+
+def job_progress(job: Any) -> tuple[int, int]:
+    try:
+        step, total = job.progress
+        return int(step), int(total)
+    except (TypeError, ValueError):
+        return 0, 0
+
+
+def unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("could not delete %s", path)
+
+

@@ -1,0 +1,175 @@
+"""Upload inspection: save an upload within its size limit, tell a broken video from no video,
+and refuse oversized request bodies while they arrive."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import av
+
+from foleyserve import media
+from foleyserve.server.errors import ApiError, error_response
+from foleyserve.server.service import unlink
+from foleyserve.server.settings import ServerConfig
+
+UPLOAD_CHUNK = 1 << 20
+# A clip needs 16 frames at 25 fps; refuse at upload only when the header is clearly shorter, the
+# decoder makes the exact call (a header can undercount).
+MIN_HEADER_SECONDS = 0.6
+
+def save_upload(source: BinaryIO, dest: Path, limit: int) -> int:
+    """Copy an upload in chunks, stopping as soon as it passes the limit."""
+    size = 0
+    try:
+        with open(dest, "wb") as out:
+            while chunk := source.read(UPLOAD_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "payload_too_large", too_large_message(limit))
+                out.write(chunk)
+    except BaseException:
+        unlink(dest)
+        raise
+    if size == 0:
+        unlink(dest)
+        raise ApiError(422, "invalid_video", "the uploaded video is empty (0 bytes); send the file's contents in the 'video' field")
+    return size
+
+
+def too_large_message(limit: int) -> str:
+    return (
+        f"the upload is larger than this server's limit of {limit / 2**20:.3g} MiB; send a shorter or more "
+        f"compressed clip (the model uses at most the first 15 s)"
+    )
+
+
+_NOT_VIDEO_MAGIC = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip archive"), (b"ID3", "an MP3 audio file"),
+    (b"fLaC", "a FLAC audio file"), (b"BM", None), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+)
+_VIDEO_MAGIC_AT_4 = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+
+
+def describe_non_video(head: bytes) -> str | None:
+    """What an upload obviously is when it is not a video, from its first bytes."""
+    for magic, what in _NOT_VIDEO_MAGIC:
+        if what and head.startswith(magic):
+            return what
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return "a WAV audio file"
+    if b"\x00" not in head:
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return None
+        stripped = text.lstrip().lower()
+        if stripped.startswith(("<!doctype html", "<html")):
+            return "an HTML page"
+        if stripped.startswith(("{", "[")):
+            return "JSON text"
+        return "a text file"
+    return None
+
+
+def _looks_like_container(head: bytes) -> bool:
+    return (
+        (len(head) >= 8 and head[4:8] in _VIDEO_MAGIC_AT_4)
+        or head.startswith((b"\x1aE\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba"))
+        or (len(head) > 188 and head[0] == 0x47 and head[188] == 0x47)  # MPEG-TS sync bytes
+        or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
+    )
+
+
+def inspect_upload(path: Path, config: ServerConfig, filename: str | None) -> media.VideoInfo:
+    """Check an upload is a usable video before it is queued; ApiError otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    received = f" (received {filename!r})" if filename else ""
+    advice = "send a video file such as MP4 (H.264), MOV, MKV or WebM"
+    try:
+        info = media.probe(path)
+    except media.MediaError as e:
+        # FFmpeg had the first say; only now decide whether this is a broken video or no video.
+        kind = describe_non_video(head)
+        if kind is not None:
+            raise ApiError(415, "unsupported_media_type", f"the upload is {kind}, not a video{received}; {advice}") from None
+        streams = _stream_kinds(path)
+        if streams is not None and "video" not in streams["kinds"]:
+            what = f"a {streams['format']} file with {', '.join(streams['kinds']) or 'no'} stream(s) and no video"
+            raise ApiError(415, "unsupported_media_type", f"the upload is {what}{received}; {advice}") from None
+        if streams is None and not _looks_like_container(head):
+            raise ApiError(415, "unsupported_media_type", f"the upload is not a video format FFmpeg recognises{received}; {advice}") from None
+        raise ApiError(422, "invalid_video", str(e).replace(str(path), "the uploaded video")) from None
+    if info.container.endswith("_pipe") or info.container == "image2":
+        kind = describe_non_video(head) or f"a still image ({info.container.removesuffix('_pipe')})"
+        raise ApiError(415, "unsupported_media_type", f"the upload is {kind}, not a video{received}; send a video clip")
+    if info.duration is not None and info.duration < MIN_HEADER_SECONDS:
+        raise ApiError(
+            422, "video_too_short",
+            f"the video is {info.duration:.2f} s long; the model needs at least 16 frames at 25 fps (0.64 s); use a longer clip",
+        )
+    pixels = info.width * info.height
+    if pixels > config.max_video_pixels:
+        raise ApiError(
+            422, "video_too_large",
+            f"the video is {info.width}x{info.height} ({pixels / 1e6:.1f} MP per frame); this server accepts at most "
+            f"{config.max_video_pixels / 1e6:.1f} MP per frame; scale it down (the model sees 512x512 and 224x224 frames anyway)",
+        )
+    return info
+
+
+def _stream_kinds(path: Path) -> dict[str, Any] | None:
+    try:
+        with av.open(str(path), metadata_errors="replace") as c:
+            return {"format": c.format.name, "kinds": [s.type for s in c.streams]}
+    except (av.error.FFmpegError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------- body limit
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit while they arrive, before they are spooled to disk."""
+
+    def __init__(self, app: Any, limit: int, file_limit: int, on_reject: Any = None) -> None:
+        self.app = app
+        self.limit = limit
+        self.file_limit = file_limit
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+        if length is not None and length > self.limit:
+            if self.on_reject is not None:
+                self.on_reject()
+            await error_response(413, "payload_too_large", too_large_message(self.file_limit))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "payload_too_large", too_large_message(self.file_limit))
+            return message
+
+        await self.app(scope, limited, send)
+
+
