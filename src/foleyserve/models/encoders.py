@@ -44,6 +44,7 @@ __all__ = [
     "CLAP_TEXT_CONFIG",
     "ClapTextTower",
     "PromptTooLongError",
+    "check_prompt_lengths",
     "SIGLIP2_VISION_CONFIG",
     "SiglipVisionTower",
     "build_clap_text",
@@ -262,6 +263,21 @@ def _max_tokens_of(model: ClapTextModelWithProjection) -> int:
     return int(cfg.max_position_embeddings) - int(cfg.pad_token_id) - 1
 
 
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, model: ClapTextModelWithProjection, prompt: str, negative: str
+) -> None:
+    """Raise :class:`PromptTooLongError` when either prompt has more tokens than CLAP's position
+    table holds. Only the tokenizer runs (well under a millisecond), so services and the CLI call
+    this when a request arrives instead of failing it after it waited in the queue."""
+    limit = _max_tokens_of(model)
+    lengths = [len(tokenizer(text)["input_ids"]) for text in (negative, prompt)]
+    too_long = [f"{name} prompt has {n} tokens" for name, n in zip(("negative", "positive"), lengths) if n > limit]
+    if too_long:
+        raise PromptTooLongError(
+            f"{' and '.join(too_long)}; CLAP accepts at most {limit} (including <s> and </s>): shorten the prompt"
+        )
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     model: ClapTextModelWithProjection,
@@ -292,12 +308,8 @@ def encode_prompts(
     """
     if model.training:
         raise ValueError("the CLAP model is in training mode (dropout would randomise features); call model.eval()")
+    check_prompt_lengths(tokenizer, model, prompt, negative)
     inputs = tokenizer([negative, prompt], padding=True, return_tensors="pt")
-    limit = _max_tokens_of(model)
-    lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    too_long = [f"{name} prompt has {n} tokens" for name, n in zip(("negative", "positive"), lengths) if n > limit]
-    if too_long:
-        raise PromptTooLongError(f"{' and '.join(too_long)}; CLAP accepts at most {limit} (including <s> and </s>)")
     target = torch.device(device) if device is not None else next(model.parameters()).device
     inputs = {k: v.to(target) for k, v in inputs.items()}
     with torch.no_grad():
