@@ -110,6 +110,19 @@ class PreparedJob:
 
 @dataclass
 class Engine:
+    """A loaded HunyuanVideo-Foley model and the cost options it runs with.
+
+    Build one with :meth:`from_pretrained` (an official weights folder), :meth:`from_config`
+    (an :class:`~foleyserve.config.EngineConfig`, as the CLI and server do) or :meth:`demo` (tiny
+    random weights); then call :meth:`generate` per request, or :meth:`generate_batch` to share
+    denoising loops between requests. Loading dominates the cost of a single request, so keep the
+    engine. An engine runs one request at a time (the server's batcher serialises access).
+
+    The stages are public for callers that cache or batch themselves: :meth:`decode`,
+    :meth:`encode_visual`, :meth:`extract_text`, :meth:`prepare`, :meth:`sample_jobs`,
+    :meth:`finish`.
+    """
+
     components: Components
     precision: str = "fp32"
     siglip_chunk: int = 16
@@ -135,6 +148,7 @@ class Engine:
 
     @property
     def compiled(self) -> bool:
+        """Whether the denoising step runs compiled (``compile`` was on)."""
         return self.step_graphs is not None
 
     # -- construction ------------------------------------------------------------------------
@@ -284,10 +298,12 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
+        """Where the models run."""
         return self.components.device
 
     @property
     def sample_rate(self) -> int:
+        """Output sample rate in Hz (48000 for the official DAC)."""
         return int(self.components.dac.sample_rate)
 
     # -- stages ------------------------------------------------------------------------------
@@ -295,6 +311,7 @@ class Engine:
     def extract_visual(
         self, video: str | Path | bytes, timer: StageTimer | None = None, progress: ProgressFn | None = None
     ) -> tuple[VisualFeatures, media.DecodedVideo]:
+        """Decode a video and run both visual encoders on it."""
         timer = timer or StageTimer(self.device)
         decoded = self.decode(video, timer, progress)
         return self.encode_visual(decoded, timer, progress), decoded
@@ -341,6 +358,7 @@ class Engine:
         return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25]))
 
     def extract_text(self, prompt: str, negative_prompt: str, timer: StageTimer | None = None) -> TextFeatures:
+        """CLAP features of the prompt pair, tokenized together as the official code does."""
         timer = timer or StageTimer(self.device)
         with timer.stage("clap"), self._on_device(self.components.clap):
             return text_features(self.components.tokenizer, self.components.clap, prompt, negative_prompt, device=self.device)
@@ -387,6 +405,13 @@ class Engine:
     # -- the public entry points ---------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+        """Run one request end to end and write its output file, if it names one.
+
+        ``progress(stage, done, total)`` is called as the long stages advance. Raises
+        :class:`~foleyserve.pipeline.requests.RequestError` for a bad request,
+        :class:`~foleyserve.media.MediaError` for an unusable video, and
+        :class:`~foleyserve.models.encoders.PromptTooLongError` for a prompt CLAP cannot encode.
+        """
         job = self.prepare(request, progress=progress)
         latents = self.sample_jobs([job], progress=progress)[0]
         return self.finish(job, latents)

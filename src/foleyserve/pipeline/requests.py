@@ -18,6 +18,15 @@ class RequestError(ValueError):
 
 @dataclass
 class GenerationRequest:
+    """One generation: which video, which sound, how to sample, and where to write the result.
+
+    ``video`` is a file path or the file's bytes. ``steps`` (1-1000) and ``guidance`` (0-100;
+    <= 1 turns classifier-free guidance off) set the sampler; the same ``seed`` gives the same
+    audio on every device and precision. ``output`` ending in .wav/.flac writes the audio, .mp4
+    the video with the new sound (``keep_original_audio_gain`` mixes the video's own sound under
+    it). :meth:`validate` checks the fields; the engine calls it before any work.
+    """
+
     video: str | Path | bytes
     prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
@@ -30,6 +39,7 @@ class GenerationRequest:
     keep_original_audio_gain: float | None = None
 
     def validate(self) -> None:
+        """Raise :class:`RequestError` naming the first field that cannot be used."""
         if isinstance(self.video, (str, Path)):
             if not str(self.video):
                 raise RequestError("no video given: pass a video file path or its bytes")
@@ -58,6 +68,13 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
+    """What a generation produced: the audio, where it was written, and what it cost.
+
+    ``audio_seconds`` is what the model covers (at most 15.04 s); ``video_seconds`` the whole
+    video. ``timings`` and ``memory`` are per stage; ``warnings`` say what the caller should know
+    (a longer video than the model covers, the demo model's noise).
+    """
+
     waveform: torch.Tensor  # [1, T] float32 mono, in [-1, 1]
     sample_rate: int
     audio_seconds: float
