@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system.sh
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+source scripts/_python.sh
+exec "$PY" -m pytest -q "$@"
