@@ -22,6 +22,14 @@ from foleyserve.models.vae import build_dac
 from foleyserve.pipeline.components import Components
 
 FEATURE_DIM = 32  # width of the toy encoders, and so of the DiT's conditioning inputs
+DEMO_STEPS = 25  # the toy model converges long before the real model's 50
+DEMO_PROMPT = "a ball bouncing on a wooden floor"
+# The toy decoder's last conv (before its tanh) is scaled by this: at unit scale the tanh saturates
+# and the demo wrote full-scale clipped noise (RMS 0.8, a fifth of the samples at +-1). Measured on
+# the sample clip at 25 steps, 0.035 gives about -23 dBFS RMS and peaks near -8 dBFS, with the tanh
+# in its linear range. A fixed weight scale, not a per-output normalisation, so every comparison
+# between demo runs (precisions, offload, step cache) stays exact; real weights are never touched.
+DEMO_OUTPUT_GAIN = 0.035
 
 DEMO_DAC = {
     "encoder_dim": 4,
@@ -88,6 +96,9 @@ def demo_components(device: torch.device, seed: int = 0):
         for name, p in dac.named_parameters():
             if name.endswith("block.3.weight_g"):
                 p.mul_(0.25)
+        last_conv = dac.decoder.model[-2]
+        last_conv.weight_g.mul_(DEMO_OUTPUT_GAIN)
+        last_conv.bias.mul_(DEMO_OUTPUT_GAIN)
     synch = randomize_(build_synchformer_visual(embed_dim=FEATURE_DIM, num_heads=2, depth=1), gen)
     tiny = dict(hidden_size=FEATURE_DIM, intermediate_size=2 * FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2)
     siglip = build_siglip_vision(seed=seed, **tiny)
@@ -103,6 +114,41 @@ def demo_components(device: torch.device, seed: int = 0):
         device=device,
         is_demo=True,
     )
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def demo_precision(device: str | torch.device = "cpu", *, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+    """The precision the demo model runs in on ``device``, and why (for the run's output).
+
+    bf16 where the hardware multiplies bf16 matrices natively (AMX or AVX512-BF16 on a CPU, a
+    GPU with bf16 support); elsewhere fp32, because emulated bf16 is slower than fp32 and the demo
+    is there to be quick. The CLI's ``demo``, ``generate --demo``, ``batch --demo``,
+    :func:`foleyserve.generate` and the server's ``--demo`` all ask this function.
+    ``device`` "auto" means the CPU, as for the demo engine. ``cpu_flags`` replaces /proc/cpuinfo's (tests).
+    """
+    # "auto" is the CPU for the demo (Engine.from_config's rule: the toy model gains nothing from a GPU).
+    dev = torch.device("cpu" if str(device) == "auto" else device)
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(dev)} supports bf16"
+        return "fp32", "this GPU has no bf16 support"
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    if flags is None:
+        return "fp32", "cannot read this CPU's flags to tell whether it has bf16 matrix units"
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return "bf16", f"this CPU has {flag}"
+    return "fp32", "this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16)"
 
 
 def sample_clip_path() -> Path:
