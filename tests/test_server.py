@@ -154,7 +154,7 @@ def test_submit_answers_202_at_once_then_poll(serve, clip: bytes) -> None:
     r = c.post("/v1/generations", files={"video": ("clip.mp4", clip, "video/mp4")}, data={"steps": "2", "output": "flac"})
     assert r.status_code == 202
     first = r.json()
-    assert first["status"] in ("queued", "running") and first["audio_url"] is None and first["cache_hit"] is False
+    assert first["status"] in ("queued", "preparing", "running") and first["audio_url"] is None and first["cache_hit"] is False
     done = finished(c, first["id"])
     assert done["status"] == "succeeded" and done["video_url"] is None
     audio = c.get(done["audio_url"])
@@ -192,7 +192,7 @@ def test_wait_that_runs_out_answers_202(serve, clip: bytes) -> None:
     c = serve()
     t0 = time.monotonic()
     r = c.post("/v1/generations?wait=0.3", files={"video": ("clip.mp4", clip, "video/mp4")}, data={"steps": LONG})
-    assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "preparing", "running")
     assert time.monotonic() - t0 >= 0.3
     c.delete(f"/v1/generations/{r.json()['id']}")
     assert finished(c, r.json()["id"])["status"] == "cancelled"
@@ -206,7 +206,7 @@ def test_cancel_running_and_queued_jobs(serve, clip: bytes) -> None:
     running = submit(c, clip, steps=LONG)
     denoising(c, running["id"])
     queued = submit(c, clip, steps=LONG, seed=1)
-    assert c.get(f"/v1/generations/{queued['id']}").json()["status"] == "queued"
+    assert c.get(f"/v1/generations/{queued['id']}").json()["status"] in ("queued", "preparing")
 
     r = c.delete(f"/v1/generations/{queued['id']}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"  # queued: at once
@@ -296,7 +296,7 @@ def test_corrupt_empty_short_and_huge_videos_are_422(serve, clip: bytes) -> None
         ({"priority": "urgent"}, "", "priority must be interactive or bulk"),
         ({"keep_original_audio": "9"}, "", "keep_original_audio must be a number from 0 to 4"),
         ({"keep_original_audio": "0.5", "output": "wav"}, "", "keep_original_audio applies to output=mp4 only"),
-        ({"stpes": "4"}, "", "unknown form field(s) 'stpes'"),
+        ({"stpes": "4"}, "", "unknown form field 'stpes'"),
         ({}, "?wait=601", "wait must be a number of seconds from 0 to 600"),
     ],
 )
@@ -312,7 +312,9 @@ def test_prompt_length_limit_and_missing_video(serve, clip: bytes) -> None:
     c = serve(max_prompt_chars=10)
     r = c.post("/v1/generations", files={"video": ("clip.mp4", clip, "video/mp4")}, data={"prompt": "x" * 11})
     assert r.status_code == 422 and "prompt must be text of at most 10 characters" in error_of(r)["message"]
-    r = c.post("/v1/generations", data={"prompt": "no file"})
+    r = c.post("/v1/generations", data={"prompt": "no file"})  # urlencoded: not a form that can carry a video
+    assert r.status_code == 415 and "multipart/form-data" in error_of(r)["message"]
+    r = c.post("/v1/generations", files={"prompt": (None, "no file")})
     assert r.status_code == 422 and "video is required" in error_of(r)["message"]
 
 
@@ -417,7 +419,7 @@ def test_cors_origins(serve) -> None:
 def test_internal_errors_answer_a_generic_500(serve, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     c = serve()
 
-    def boom(limit: int = 20):
+    def boom(limit: int = 20, owner: str | None = None):
         raise RuntimeError("secret detail /srv/data")
 
     monkeypatch.setattr(c.app.state.service.store, "recent", boom)
@@ -433,7 +435,7 @@ def test_internal_errors_answer_a_generic_500(serve, monkeypatch: pytest.MonkeyP
 
 def test_health_ready_page_static_and_docs(serve) -> None:
     c = serve()
-    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/healthz").json() == {"status": "ok", "storage": "ok"}
     ready = c.get("/readyz").json()
     assert ready["status"] == "ready" and ready["model"] and ready["device"] == "cpu"
     page = c.get("/")
@@ -443,8 +445,9 @@ def test_health_ready_page_static_and_docs(serve) -> None:
     schema = c.get("/openapi.json").json()
     post = schema["paths"]["/v1/generations"]["post"]
     assert set(post["responses"]) >= {"200", "202", "413", "415", "422", "429"}
-    form = schema["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
-    assert "Denoising steps" in form["properties"]["steps"]["description"]
+    form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert "Denoising steps" in form["properties"]["steps"]["description"] and form["properties"]["steps"]["maximum"] == 1000
+    assert form["properties"]["video"]["format"] == "binary" and form["required"] == ["video"]
     info = c.get("/v1/info").json()
     assert info["limits"]["steps"] == [1, 1000] and info["defaults"]["steps"] == 50 and info["auth"] is False
 
@@ -586,12 +589,13 @@ def test_shutdown_keeps_unfinished_jobs_for_the_next_start(serve, clip: bytes, t
     waiting = submit(first, clip, seed=9)
     first.__exit__(None, None, None)  # the running job is cut short after 0.1 s, the other never ran
     store = JobStore(data)
-    assert {r.id: r.status for r in store.active()} == {running["id"]: "running", waiting["id"]: "queued"}
+    statuses = {r.id: r.status for r in store.active()}
+    assert statuses[running["id"]] == "running" and statuses[waiting["id"]] in ("queued", "preparing")
     store.close()
 
     second = serve(data_dir=data, max_batch_size=1, max_wait_ms=0)
     again = second.get(f"/v1/generations/{running['id']}").json()
-    assert again["status"] in ("queued", "running") and again["progress"]["step"] < 1000  # re-queued from its upload
+    assert again["status"] in ("queued", "preparing", "running") and again["progress"]["step"] < 1000  # re-queued from its upload
     second.delete(f"/v1/generations/{running['id']}")
     assert finished(second, running["id"])["status"] == "cancelled"
     assert finished(second, waiting["id"])["status"] == "succeeded"

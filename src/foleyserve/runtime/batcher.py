@@ -38,10 +38,15 @@ a priority, first in first out. So that a steady interactive load cannot starve 
 bulk job that has waited more than :data:`BULK_PROMOTION_SECONDS` (30 s) counts as interactive
 (and, being older, goes ahead of newer interactive jobs).
 
+Statuses. ``queued`` (waiting for the prepare thread), ``preparing`` (decoding and encoding, or
+prepared and waiting for the denoiser), ``running`` (in a denoising batch), then ``succeeded``,
+``failed`` or ``cancelled``.
+
 Queue limit. ``submit`` raises :class:`QueueFull` when the jobs not yet denoising (waiting,
-preparing, or prepared) would exceed ``max_queue``. Its ``retry_after`` is the time the batcher
-recently needed to take one batch off the queue (recent batch size / recent jobs per second), at
-least 1 s.
+preparing, or prepared) would exceed ``max_queue``. Its ``retry_after`` comes from the measured
+drain rate (jobs per second recently leaving the queue) and from the refusals already promised a
+slot: the k-th client refused while k - 1 earlier promises are still pending is told k / rate, so
+refused clients come back spread out instead of all at once (1 s at least, 300 s at most).
 
 Cancellation. A job that is waiting or preparing is cancelled at once. A running job leaves its
 batch at the next denoising step (``keep_rows``); the other rows of the batch go on unchanged,
@@ -91,7 +96,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("foleyserve.batcher")
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "preparing", "running", "succeeded", "failed", "cancelled"]
 PRIORITIES = ("interactive", "bulk")
 LENGTH_BUCKETS = ("exact", "second")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -105,6 +110,7 @@ KEEP_FINISHED = 256
 READY_BATCHES_AHEAD = 2
 # retry_after when nothing has finished yet to estimate from.
 DEFAULT_RETRY_AFTER = 5.0
+MAX_RETRY_AFTER = 300.0
 # Completions remembered for the throughput estimate.
 _THROUGHPUT_WINDOW = 64
 
@@ -163,6 +169,7 @@ class Job:
     _source_key: str | None = field(default=None, init=False, repr=False)  # hash of the upload, hashed once
     _trim: "_Trim | None" = field(default=None, init=False, repr=False)
     _cancel: bool = field(default=False, init=False, repr=False)
+    _in_queue: bool = field(default=False, init=False, repr=False)  # counted by queue_depth
     _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -231,6 +238,9 @@ def _classify(exc: BaseException, *, user_stage: bool) -> tuple[str, Exception]:
         return "invalid_request", exc.with_traceback(None)
     log.error("job failed with an unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
     # A fresh exception: the job must not keep the traceback (and through it frames and tensors) alive.
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # Keep the errno: the service tells a full or read-only disk from a bug by it.
+        return "internal", OSError(exc.errno, f"internal error ({type(exc).__name__}: {exc}); the job failed, other jobs are unaffected")
     return "internal", RuntimeError(f"internal error ({type(exc).__name__}: {exc}); the job failed, other jobs are unaffected")
 
 
@@ -258,6 +268,10 @@ class Batcher:
         self._finished: deque[str] = deque()
         self._completions: deque[float] = deque(maxlen=_THROUGHPUT_WINDOW)
         self._batch_sizes: deque[int] = deque(maxlen=16)
+        # Times jobs left the queue (into a batch, or ended while queued/preparing), and the
+        # retry times promised to refused submitters: what retry_after is computed from.
+        self._leaves: deque[float] = deque(maxlen=_THROUGHPUT_WINDOW)
+        self._promised: deque[float] = deque()
         self._seq = itertools.count()
         # Source bytes -> (frames key, frame-less decoded video, trim) of videos prepared before, so a
         # repeated upload finds its cached result without decoding (see _fast_hit). Per process.
@@ -337,6 +351,7 @@ class Batcher:
             job._seq = next(self._seq)
             job._source_key = source_key
             self._jobs[job_id] = job
+            job._in_queue = True
             self._pending.append(job)
             self._cond.notify_all()
         return job
@@ -438,13 +453,39 @@ class Batcher:
         preparing = 1 if self._preparing is not None and not self._preparing.done else 0
         return len(self._pending) + preparing + len(self._ready)
 
+    def _leave_queue_locked(self, job: Job, now: float) -> None:
+        if job._in_queue:
+            job._in_queue = False
+            self._leaves.append(now)
+
+    def drain_rate(self) -> float | None:
+        """Jobs per second recently leaving the queue (None until two have left)."""
+        with self._cond:
+            return self._drain_rate_locked(time.monotonic())
+
+    def _drain_rate_locked(self, now: float) -> float | None:
+        if len(self._leaves) < 2:
+            return None
+        span = now - self._leaves[0]
+        return len(self._leaves) / span if span > 0 else None
+
+    def retry_after(self) -> float:
+        """Seconds a refused submitter should wait, counted as a refusal (see the module docstring)."""
+        with self._cond:
+            return self._retry_after_locked()
+
     def _retry_after_locked(self) -> float:
-        if len(self._completions) < 2:
-            return DEFAULT_RETRY_AFTER
-        span = time.monotonic() - self._completions[0]
-        rate = len(self._completions) / span if span > 0 else math.inf
-        per_batch = sum(self._batch_sizes) / len(self._batch_sizes) if self._batch_sizes else 1.0
-        return float(min(60.0, max(1.0, per_batch / rate)))
+        now = time.monotonic()
+        while self._promised and self._promised[0] <= now:
+            self._promised.popleft()
+        rate = self._drain_rate_locked(now)
+        position = len(self._promised) + 1
+        wait = DEFAULT_RETRY_AFTER * position if rate is None else position / rate
+        wait = float(min(MAX_RETRY_AFTER, max(1.0, wait)))
+        self._promised.append(now + wait)
+        if len(self._promised) > 1 and self._promised[-1] < self._promised[-2]:
+            self._promised = deque(sorted(self._promised))
+        return wait
 
     def _order(self, now: float) -> Callable[[Job], tuple[int, int]]:
         def key(job: Job) -> tuple[int, int]:
@@ -474,6 +515,7 @@ class Batcher:
         job._prepared = None  # features and latents are no longer needed
         if ran:
             self._completions.append(time.monotonic())
+        self._leave_queue_locked(job, time.monotonic())
         self._finished.append(job.id)
         while len(self._finished) > KEEP_FINISHED:
             self._jobs.pop(self._finished.popleft(), None)
@@ -512,6 +554,8 @@ class Batcher:
                 job = min(self._pending, key=self._order(time.monotonic()))
                 self._pending.remove(job)
                 self._preparing = job
+                job.status = "preparing"
+            self._emit(job)
             try:
                 self._prepare(job)
             except Exception as e:
@@ -629,6 +673,7 @@ class Batcher:
                 started = time.time()
                 for j in group:
                     self._ready.remove(j)
+                    self._leave_queue_locked(j, now)
                     j.status = "running"
                     j.started = started
                     j.batch_size = len(group)

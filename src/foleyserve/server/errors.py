@@ -37,7 +37,7 @@ class ApiError(HTTPException):
 _STATUS_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
     409: "conflict", 410: "expired", 413: "payload_too_large", 415: "unsupported_media_type",
-    422: "invalid_parameter", 429: "queue_full", 503: "not_ready",
+    422: "invalid_parameter", 429: "queue_full", 503: "not_ready", 507: "insufficient_storage",
 }
 
 
@@ -60,7 +60,7 @@ def submit_error(e: Exception) -> ApiError:
     return ApiError(500, "internal_error", "the job could not be queued because of an internal error; the server log has the details")
 
 
-def _param_rules(config: ServerConfig) -> dict[str, str]:
+def param_rules(config: ServerConfig) -> dict[str, str]:
     return {
         "video": "a video file in the multipart file field 'video'",
         "prompt": f"text of at most {config.max_prompt_chars} characters",
@@ -76,7 +76,7 @@ def _param_rules(config: ServerConfig) -> dict[str, str]:
     }
 
 
-def _validation_message(errors: list[dict[str, Any]], rules: dict[str, str]) -> str:
+def validation_message(errors: list[dict[str, Any]], rules: dict[str, str]) -> str:
     parts = []
     for err in errors:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
@@ -94,6 +94,21 @@ def _validation_message(errors: list[dict[str, Any]], rules: dict[str, str]) -> 
     return "; ".join(dict.fromkeys(parts)) or "the request is invalid"
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path (Starlette's 405 names only the first route's)."""
+    from starlette.routing import Match
+
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route_methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def _is_submission(request: Request) -> bool:
     return request.method == "POST" and request.url.path.rstrip("/").endswith("/v1/generations")
 
@@ -101,7 +116,7 @@ def _is_submission(request: Request) -> bool:
 def add_error_handlers(app: FastAPI, config: ServerConfig, on_rejected: Callable[[], None]) -> None:
     """Map every exception a route can raise to the one error shape; ``on_rejected`` counts
     refused submissions (a 4xx other than 401) for the metrics."""
-    rules = _param_rules(config)
+    rules = param_rules(config)
 
     def count_rejected(request: Request, status: int) -> None:
         if _is_submission(request) and 400 <= status < 500 and status != 401:
@@ -114,16 +129,21 @@ def add_error_handlers(app: FastAPI, config: ServerConfig, on_rejected: Callable
             return error_response(exc.status_code, exc.code, str(exc.detail), exc.headers)
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             detail = "no such route; the API is documented at /docs"
+        elif exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            detail = f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}"
         elif exc.status_code == 400 and "parsing the body" in detail:
             detail = "the request body could not be parsed; send multipart/form-data with the video in the 'video' field"
-        return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         count_rejected(request, 422)
-        return error_response(422, "invalid_parameter", _validation_message(list(exc.errors()), rules))
+        return error_response(422, "invalid_parameter", validation_message(list(exc.errors()), rules))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

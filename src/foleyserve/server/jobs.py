@@ -23,8 +23,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
-SCHEMA_VERSION = 1
+ACTIVE_STATUSES = ("queued", "preparing", "running")
+SCHEMA_VERSION = 2
+# Columns added after schema 1, applied to an older database when it is opened.
+_MIGRATIONS = {
+    2: (
+        "ALTER TABLE jobs ADD COLUMN owner TEXT",
+        "ALTER TABLE jobs ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}'",
+    ),
+}
+_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -48,13 +56,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     video_seconds REAL,
     batch_size    INTEGER,
     warnings      TEXT NOT NULL DEFAULT '[]',
-    expired       REAL
+    expired       REAL,
+    owner         TEXT,
+    checksums     TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
 
-_JSON_COLUMNS = ("params", "timings", "files", "warnings")
+_JSON_COLUMNS = ("params", "timings", "files", "warnings", "checksums")
 
 
 @dataclass
@@ -79,7 +90,12 @@ class JobRecord:
     video_seconds: float | None = None
     batch_size: int | None = None
     warnings: list[str] = field(default_factory=list)
-    expired: float | None = None  # when retention deleted the result files
+    expired: float | None = None  # when retention (or a DELETE) removed the result files
+    # The X-Client-Id the job was submitted with: listing recent jobs shows a caller only its own.
+    owner: str | None = None
+    # file name -> [size in bytes, sha256 hex], recorded when the result was written, checked
+    # before a file is served.
+    checksums: dict[str, list] = field(default_factory=dict)
 
     @property
     def is_final(self) -> bool:
@@ -106,11 +122,18 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL under WAL loses at most the last transactions on power loss, never corrupts.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            fresh = self._db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
             self._db.executescript(_SCHEMA)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
+            if fresh or version == 0:
+                version = SCHEMA_VERSION if fresh else 1
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(v, ()):
+                    self._db.execute(statement)
+            if version <= SCHEMA_VERSION:
+                self._db.execute(_OWNER_INDEX)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.path} was written by a newer foleyserve (schema {version} > {SCHEMA_VERSION}); "
                     f"upgrade foleyserve or use another --data-dir"
@@ -147,7 +170,7 @@ class JobStore:
         assignments = ", ".join(f"{k} = ?" for k in values)
         with self._lock:
             cur = self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ('queued', 'running')",
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN {_ACTIVE_SQL}",
                 (*values.values(), job_id),
             )
             return cur.rowcount == 1
@@ -161,16 +184,19 @@ class JobStore:
         with self._lock:
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
-    def recent(self, limit: int = 20) -> list[JobRecord]:
+    def recent(self, limit: int = 20, owner: str | None = None) -> list[JobRecord]:
+        """The newest jobs submitted with this ``owner`` (None: the jobs submitted without one)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (int(limit),)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE owner IS ? ORDER BY created DESC LIMIT ?", (owner, int(limit))
+            ).fetchall()
         return [_from_row(r) for r in rows]
 
     def active(self) -> list[JobRecord]:
         """Jobs that were queued or running, oldest first (what a restart must deal with)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created"
+                f"SELECT * FROM jobs WHERE status IN {_ACTIVE_SQL} ORDER BY created"
             ).fetchall()
         return [_from_row(r) for r in rows]
 

@@ -23,7 +23,9 @@ class Progress(BaseModel):
 
 class JobBody(BaseModel):
     id: str = Field(description="Server-generated job id (32 hex digits)")
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["queued", "preparing", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="queued, preparing (reading the video and prompt, running the encoders), running (denoising), then succeeded, failed or cancelled"
+    )
     priority: str = Field(description="interactive or bulk")
     progress: Progress
     cache_hit: bool = Field(description="True when the result came from the result cache (no model ran)")
@@ -34,7 +36,7 @@ class JobBody(BaseModel):
     finished: float | None = Field(description="Unix time the job ended")
     audio_url: str | None = Field(description="Where to download the audio once succeeded")
     video_url: str | None = Field(description="Where to download the mp4 once succeeded (output=mp4 only)")
-    expired: bool = Field(description="True when retention deleted the result files")
+    expired: bool = Field(description="True when the result files are gone (deleted by DELETE or retention, or missing)")
     prompt: str
     negative_prompt: str
     steps: int
@@ -54,6 +56,7 @@ class JobList(BaseModel):
 
 class Health(BaseModel):
     status: str
+    storage: str = Field(description="ok, or what is wrong with the data directory (full, read-only)")
 
 
 class Ready(BaseModel):

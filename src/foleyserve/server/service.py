@@ -3,6 +3,7 @@ state as the batcher reports it, keep their results, recover after a restart, en
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -15,10 +16,13 @@ from foleyserve.pipeline.requests import GenerationRequest, RequestError
 from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
 from foleyserve.server.settings import ServerConfig
+from foleyserve.server.storage import ResultVerifier, StorageHealth, describe_storage_error, file_digest, is_storage_error
 
 log = logging.getLogger("foleyserve.server")
 
 PROGRESS_WRITE_INTERVAL_S = 0.2
+# How often a job's final state is re-written while the disk refuses it.
+UNSAVED_RETRY_S = 1.0
 # Batcher error codes whose message is meant for the user (the others are internal).
 USER_ERROR_CODES = ("invalid_video", "video_too_short", "invalid_request", "invalid_parameter")
 
@@ -32,6 +36,8 @@ class Service:
         self.engine_config = engine_config
         self.engine = engine
         self.store = JobStore(config.data_dir)
+        self.storage = StorageHealth(config.data_dir, int(config.min_free_mb * 2**20))
+        self.verifier = ResultVerifier()
         self.cache: Any | None = None
         self.batcher: Any | None = None
         self.ready = threading.Event()
@@ -49,6 +55,9 @@ class Service:
         self._lock = threading.Lock()
         self._progress_written: dict[str, float] = {}
         self._user_cancelled: set[str] = set()
+        # Final states the store refused to write (full or read-only disk), retried until it
+        # takes them; reads see them meanwhile, so clients never see a finished job as running.
+        self._unsaved: dict[str, dict[str, Any]] = {}
         self._stopping = False
         self._stop_janitor = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -188,9 +197,9 @@ class Service:
             log.info("restart: %d interrupted job(s) re-queued, %d marked failed", requeued, failed)
 
     def _fail_now(self, job_id: str, code: str, message: str) -> None:
-        if self.store.update_if_active(
-            job_id, status="failed", finished=time.time(), error_code=code, error_message=message, upload=None
-        ):
+        if self._write_final(
+            job_id, dict(status="failed", finished=time.time(), error_code=code, error_message=message, upload=None)
+        ) is not False:
             self.metrics.requests.labels(status="failed").inc()
         unlink(self.store.upload_path(job_id))
 
@@ -206,13 +215,75 @@ class Service:
         return expired
 
     def _janitor(self) -> None:
+        next_retention = 0.0
         while True:
-            try:
-                self.enforce_retention()
-            except Exception:
-                log.exception("result retention failed; will retry")
-            if self._stop_janitor.wait(self.config.retention_interval_s):
+            if time.monotonic() >= next_retention:
+                try:
+                    self.enforce_retention()
+                except Exception as e:
+                    if is_storage_error(e):
+                        self.storage.write_failed(e)
+                    log.exception("result retention failed; will retry")
+                next_retention = time.monotonic() + self.config.retention_interval_s
+            self.retry_unsaved()
+            wait = UNSAVED_RETRY_S if self._unsaved else max(0.0, next_retention - time.monotonic())
+            if self._stop_janitor.wait(min(wait, self.config.retention_interval_s)):
                 return
+
+    # -- final states the disk refused -------------------------------------------------------------
+
+    def _write_final(self, job_id: str, changes: dict[str, Any]) -> bool | None:
+        """Write a job's final state; on a storage fault keep it in memory for the janitor to
+        retry. True/False: written (the row changed or not); None: deferred."""
+        try:
+            changed = self.store.update_if_active(job_id, **changes)
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
+            self.storage.write_failed(e)
+            with self._lock:
+                self._unsaved[job_id] = changes
+            log.warning("job %s ended but its state could not be written (%s); retrying every %g s",
+                        job_id, describe_storage_error(e), UNSAVED_RETRY_S)
+            return None
+        with self._lock:
+            self._unsaved.pop(job_id, None)
+        return changed
+
+    def retry_unsaved(self) -> int:
+        """Try again to write the final states the store refused; returns how many are left."""
+        with self._lock:
+            pending = list(self._unsaved.items())
+        for job_id, changes in pending:
+            try:
+                self.store.update_if_active(job_id, **changes)
+            except Exception as e:
+                if is_storage_error(e):
+                    self.storage.write_failed(e)
+                    break  # the disk still refuses; the next round tries again
+                log.exception("writing the final state of job %s failed", job_id)
+            with self._lock:
+                if self._unsaved.get(job_id) is changes:
+                    del self._unsaved[job_id]
+            log.info("job %s: final state written after the storage recovered", job_id)
+        with self._lock:
+            return len(self._unsaved)
+
+    def record(self, job_id: str) -> JobRecord | None:
+        """A job's record as clients should see it: the store's row, or the final state the
+        store has not accepted yet."""
+        rec = self.store.get(job_id)
+        if rec is None:
+            return None
+        with self._lock:
+            unsaved = self._unsaved.get(job_id)
+        return dataclasses.replace(rec, **unsaved) if unsaved is not None and not rec.is_final else rec
+
+    def recent(self, limit: int, owner: str | None) -> list[JobRecord]:
+        rows = self.store.recent(limit, owner)
+        with self._lock:
+            unsaved = dict(self._unsaved)
+        return [dataclasses.replace(r, **unsaved[r.id]) if r.id in unsaved and not r.is_final else r for r in rows]
 
     # -- batcher callbacks (worker threads) --------------------------------------------------------
 
@@ -234,6 +305,9 @@ class Service:
         status = job.status
         step, total = job_progress(job)
         now = time.time()
+        if status == "preparing":
+            self._write_progress(job.id, {"status": "preparing"})
+            return
         if status == "running":
             with self._lock:
                 last = self._progress_written.get(job.id)
@@ -246,7 +320,7 @@ class Service:
                 if rec is not None and rec.started is None:
                     changes["started"] = now
                     self.metrics.queue_wait_seconds.observe(max(now - rec.created, 0.0))
-            self.store.update_if_active(job.id, **changes)
+            self._write_progress(job.id, changes)
             return
         if status not in FINAL_STATUSES:
             return
@@ -273,8 +347,13 @@ class Service:
             except Exception as e:
                 log.exception("saving the result of job %s failed", job.id)
                 self.store.remove_results(job.id)
-                changes.update(status="failed", error_code="result_write_failed",
-                               error_message=f"the result could not be saved on the server ({type(e).__name__}); submit the job again")
+                if is_storage_error(e):
+                    self.storage.write_failed(e)
+                    changes.update(status="failed", error_code="storage_unavailable",
+                                   error_message=f"the result could not be saved: {describe_storage_error(e)}; submit the job again later")
+                else:
+                    changes.update(status="failed", error_code="result_write_failed",
+                                   error_message=f"the result could not be saved on the server ({type(e).__name__}); submit the job again")
         else:
             self.store.remove_results(job.id)
             if status == "failed":
@@ -282,12 +361,22 @@ class Service:
                 changes.update(error_code=code, error_message=message)
             else:
                 changes.update(error_code="cancelled", error_message="the job was cancelled")
-        if self.store.update_if_active(job.id, **changes):
+        if self._write_final(job.id, changes) is not False:
             self.metrics.observe_finished(
                 changes["status"], timings=changes.get("timings", {}),
                 seconds=now - rec.created, audio_seconds=changes.get("audio_seconds"),
             )
         unlink(self.store.upload_path(job.id))
+
+    def _write_progress(self, job_id: str, changes: dict[str, Any]) -> None:
+        # Progress is advisory: a disk that refuses it must not fail the job (its final state is
+        # what _write_final keeps safe).
+        try:
+            self.store.update_if_active(job_id, **changes)
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
+            self.storage.write_failed(e)
 
     def _keep_result(self, job: Any, rec: JobRecord) -> dict[str, Any]:
         result = job.result
@@ -304,10 +393,11 @@ class Service:
             wav = self.store.result_path(f"{rec.id}.wav")
             media.write_audio(wav, result.waveform, result.sample_rate)
             files["audio"] = wav.name
-        size = sum(self.store.result_path(n).stat().st_size for n in files.values())
+        checksums = {n: file_digest(self.store.result_path(n)) for n in files.values()}
         return {
             "files": files,
-            "result_bytes": size,
+            "checksums": checksums,
+            "result_bytes": sum(size for size, _ in checksums.values()),
             "timings": {k: float(v) for k, v in (result.timings or {}).items()},
             "audio_seconds": float(result.audio_seconds),
             "video_seconds": float(result.video_seconds),
@@ -317,6 +407,9 @@ class Service:
     def _describe_failure(self, job: Any) -> tuple[str, str]:
         err = job.error
         code = job.error_code
+        if err is not None and is_storage_error(err):
+            self.storage.write_failed(err)
+            return "storage_unavailable", f"the result could not be written: {describe_storage_error(err)}; submit the job again later"
         if code in USER_ERROR_CODES or isinstance(err, (RequestError, media.MediaError)):
             default = "invalid_video" if isinstance(err, media.MediaError) else "invalid_request"
             return code or default, self._scrub(str(err), job.id)
@@ -356,7 +449,10 @@ class Service:
             if live is not None and live.status in ACTIVE_STATUSES:
                 status = live.status
                 step, total = job_progress(live)
-        ok = rec.status == "succeeded" and rec.expired is None
+        # A result file removed behind our back reads as expired, without links to a 410.
+        ok = rec.status == "succeeded" and rec.expired is None and all(
+            self.store.result_path(n).is_file() for n in rec.files.values()
+        )
         base = f"{root}/v1/generations/{rec.id}"
         p = rec.params
         return {
@@ -367,13 +463,40 @@ class Service:
             "created": rec.created, "started": rec.started, "finished": rec.finished,
             "audio_url": f"{base}/audio" if ok and "audio" in rec.files else None,
             "video_url": f"{base}/video" if ok and "video" in rec.files else None,
-            "expired": rec.expired is not None,
+            "expired": rec.status == "succeeded" and not ok,
             "prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "steps": p["steps"],
             "guidance": p["guidance"], "seed": p["seed"], "output": p["output"],
             "keep_original_audio": p.get("keep_original_audio"),
             "duration": rec.audio_seconds, "video_duration": rec.video_seconds,
             "batch_size": rec.batch_size, "warnings": rec.warnings,
         }
+
+    def check_prompts(self, prompt: str, negative_prompt: str) -> None:
+        """Refuse (422) a prompt over CLAP's token limit when it arrives, not after it queued."""
+        from foleyserve.models.encoders import PromptTooLongError, check_prompt_lengths
+        from foleyserve.server.errors import ApiError
+
+        comps = getattr(self.engine, "components", None)
+        if comps is None or getattr(comps, "tokenizer", None) is None or getattr(comps, "clap", None) is None:
+            return  # the prepare stage still refuses it
+        try:
+            check_prompt_lengths(comps.tokenizer, comps.clap, prompt, negative_prompt)
+        except PromptTooLongError as e:
+            raise ApiError(422, "prompt_too_long", str(e)) from None
+
+    def delete_results(self, rec: JobRecord) -> JobRecord:
+        """DELETE on a finished job: remove its result files now (the record stays, expired)."""
+        self.store.remove_results(rec.id)
+        if rec.status == "succeeded" and rec.expired is None:
+            now = time.time()
+            try:
+                self.store.update(rec.id, expired=now)
+            except Exception as e:
+                if not is_storage_error(e):
+                    raise
+                self.storage.write_failed(e)
+            rec = dataclasses.replace(rec, expired=now)
+        return rec
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -386,10 +509,10 @@ class Service:
         if batcher is not None and batcher.get(job_id) is not None:
             return  # it ended just now; on_update records how
         # Unknown to the batcher (its row awaits re-queueing while the model loads): end it here.
-        if self.store.update_if_active(
-            job_id, status="cancelled", finished=time.time(), error_code="cancelled",
+        if self._write_final(job_id, dict(
+            status="cancelled", finished=time.time(), error_code="cancelled",
             error_message="the job was cancelled", upload=None,
-        ):
+        )) is not False:
             self.metrics.requests.labels(status="cancelled").inc()
             unlink(self.store.upload_path(job_id))
 

@@ -37,6 +37,9 @@ class ServerConfig:
     # 15 s clip), so the pixel limit is what bounds a request's host memory, not the upload size.
     max_upload_mb: float = 200.0
     max_video_pixels: int = 1920 * 1088
+    # Uploads are refused (507) while the data directory has less free space than this, so a
+    # filling disk stops new work before it breaks running jobs' result writes.
+    min_free_mb: float = 100.0
     max_prompt_chars: int = 2000
     max_steps: int = 1000  # the engine's own range; a profile can cap it (cost grows with steps)
     # Defaults for fields a request leaves out.
@@ -88,6 +91,7 @@ class ServerConfig:
         _check_int(self, "port", 0, 65535)  # 0: any free port
         _check_number(self, "max_upload_mb", 0.001, None)
         _check_int(self, "max_video_pixels", 1, None)
+        _check_number(self, "min_free_mb", 0.0, None)
         _check_int(self, "max_prompt_chars", 1, None)
         _check_int(self, "max_steps", 1, 1000)
         _check_int(self, "default_steps", 1, self.max_steps if isinstance(self.max_steps, int) else 1000)

@@ -5,45 +5,18 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Callable
 
 import av
 
 from foleyserve import media
 from foleyserve.server.errors import ApiError, error_response
-from foleyserve.server.service import unlink
+from foleyserve.server.forms import too_large_message
 from foleyserve.server.settings import ServerConfig
 
-UPLOAD_CHUNK = 1 << 20
 # A clip needs 16 frames at 25 fps; refuse at upload only when the header is clearly shorter, the
 # decoder makes the exact call (a header can undercount).
 MIN_HEADER_SECONDS = 0.6
-
-def save_upload(source: BinaryIO, dest: Path, limit: int) -> int:
-    """Copy an upload in chunks, stopping as soon as it passes the limit."""
-    size = 0
-    try:
-        with open(dest, "wb") as out:
-            while chunk := source.read(UPLOAD_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "payload_too_large", too_large_message(limit))
-                out.write(chunk)
-    except BaseException:
-        unlink(dest)
-        raise
-    if size == 0:
-        unlink(dest)
-        raise ApiError(422, "invalid_video", "the uploaded video is empty (0 bytes); send the file's contents in the 'video' field")
-    return size
-
-
-def too_large_message(limit: int) -> str:
-    return (
-        f"the upload is larger than this server's limit of {limit / 2**20:.3g} MiB; send a shorter or more "
-        f"compressed clip (the model uses at most the first 15 s)"
-    )
-
 
 _NOT_VIDEO_MAGIC = (
     (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
@@ -131,33 +104,39 @@ def _stream_kinds(path: Path) -> dict[str, Any] | None:
         return None
 
 
-# ------------------------------------------------------------------------------- body limit
+class AdmissionGate:
+    """Decide a submission from its headers before any of its body is read.
 
+    The API key, the declared size, readiness, the data directory's health and the queue are all
+    known before the first body byte arrives, so a refused client never uploads (up to 200 MiB)
+    only to be told no; a client that sends ``Expect: 100-continue`` (curl does for large files)
+    sends nothing at all. Bodies that arrive are still counted against the limit as they stream.
+    """
 
-class BodyLimit:
-    """Refuse request bodies over the limit while they arrive, before they are spooled to disk."""
-
-    def __init__(self, app: Any, limit: int, file_limit: int, on_reject: Any = None) -> None:
+    def __init__(self, app: Any, *, limit: int, file_limit: int, check: Callable[[dict], ApiError | None],
+                 on_reject: Callable[[int], None] | None = None) -> None:
         self.app = app
         self.limit = limit
         self.file_limit = file_limit
+        self.check = check
         self.on_reject = on_reject
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        length = None
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
-        if length is not None and length > self.limit:
+        refusal = self.check(scope)
+        if refusal is None:
+            length = _content_length(scope)
+            if length is not None and length > self.limit:
+                refusal = ApiError(413, "payload_too_large", too_large_message(self.file_limit))
+        if refusal is not None:
             if self.on_reject is not None:
-                self.on_reject()
-            await error_response(413, "payload_too_large", too_large_message(self.file_limit))(scope, receive, send)
+                self.on_reject(refusal.status_code)
+            headers = dict(refusal.headers or {})
+            # The body was not read: the connection cannot be reused for another request.
+            headers["Connection"] = "close"
+            await error_response(refusal.status_code, refusal.code, str(refusal.detail), headers)(scope, receive, send)
             return
         seen = 0
 
@@ -173,3 +152,19 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def _content_length(scope: dict) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def header(scope: dict, name: bytes) -> str | None:
+    """A request header from an ASGI scope (latin-1, as HTTP defines), or None."""
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
