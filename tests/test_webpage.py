@@ -7,6 +7,7 @@ the page talks to it over real HTTP exactly as a user's browser would.
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import socket
 import threading
@@ -120,17 +121,52 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-@pytest.fixture()
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
+def open_page(browser: Browser, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.errors = errors  # type: ignore[attr-defined]
+    return context, page
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    context, page = open_page(browser, 1200, 900)
     yield page
     context.close()
+
+
+@pytest.fixture()
+def laptop(browser: Browser) -> Iterator[Page]:
+    """A 1280x720 window: a laptop, where the form is taller than the screen."""
+    context, page = open_page(browser, 1280, 720)
+    yield page
+    context.close()
+
+
+def in_viewport(page: Page, selector: str) -> dict:
+    """The element's box and whether all of it is inside the window, with nothing scrolled."""
+    return page.evaluate(
+        """(selector) => {
+            const r = document.querySelector(selector).getBoundingClientRect();
+            const inside = r.width > 0 && r.height > 0 && r.top >= 0 && r.left >= 0
+                && r.bottom <= window.innerHeight && r.right <= window.innerWidth;
+            return {inside, top: r.top, bottom: r.bottom, height: r.height, scrollY: window.scrollY,
+                    innerHeight: window.innerHeight};
+        }""",
+        selector,
+    )
+
+
+def wait_for_server_limits(page: Page) -> None:
+    page.wait_for_selector("body[data-limits=server]")
+
+
+def set_client_id(page: Page, client_id: str) -> None:
+    page.add_init_script(f"localStorage.setItem('foleyserve.clientId', {json.dumps(client_id)})")
 
 
 def canvas_ink(page: Page, selector: str) -> float:
@@ -221,12 +257,15 @@ def test_generate_end_to_end(server: LiveServer, page: Page) -> None:
 
 
 def test_recent_job_shows_its_result(server: LiveServer, page: Page) -> None:
-    # A job made through the API (not this page) appears in the list and opens on click.
+    # A job made through the API (not this page) with this browser's client id appears in the
+    # list and opens on click.
+    set_client_id(page, "recent-job-client")
     with open(sample_clip_path(), "rb") as f:
         r = httpx.post(
             f"{server.url}/v1/generations",
             files={"video": ("clip.mp4", f, "video/mp4")},
             data={"prompt": "rain on a tin roof", "steps": "2", "seed": "5", "output": "wav"},
+            headers={"X-Client-Id": "recent-job-client"},
             timeout=30,
         )
     assert r.status_code == 202, r.text
@@ -357,3 +396,223 @@ def test_api_key_prompt(keyed_server: LiveServer, page: Page) -> None:
     assert (page.locator("[data-testid=download-main]").get_attribute("download") or "").endswith(suffix)
     # The only console errors are the browser's own notes about the refused (401) requests.
     assert [e for e in page.errors if "status of 401" not in e] == []  # type: ignore[attr-defined]
+
+
+# -- a 1280x720 window ----------------------------------------------------------------------------
+
+
+def test_laptop_button_error_and_progress_in_view(server: LiveServer, laptop: Page, tmp_path: Path) -> None:
+    page = laptop
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    box = in_viewport(page, "[data-testid=generate]")
+    assert box["inside"] and box["scrollY"] == 0, box
+
+    # A file the server refuses: its message shows beside the button, with nothing scrolled.
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video\n" * 50)
+    page.set_input_files("[data-testid=video-input]", str(fake))
+    page.click("[data-testid=generate]")
+    page.locator("[data-testid=alert]").wait_for(state="visible")
+    for selector in ("[data-testid=alert-message]", "[data-testid=generate]"):
+        box = in_viewport(page, selector)
+        assert box["inside"] and box["scrollY"] == 0, (selector, box)
+
+    # With a real clip the preview makes the form taller than the window; the button, the
+    # status and the progress bar stay in view all the same. (Steps first: filling a field
+    # below the fold would make Playwright scroll.)
+    page.fill("[data-testid=steps]", "2")
+    page.set_input_files("[data-testid=video-input]", str(sample_clip_path()))
+    page.wait_for_function("document.querySelector('[data-testid=preview]').readyState >= 1")
+    page.evaluate("window.scrollTo(0, 0)")
+    form_bottom = page.evaluate("document.querySelector('[data-testid=generate-form]').getBoundingClientRect().bottom")
+    assert form_bottom > 720, "the form fits the window, so this case checks nothing"
+    assert in_viewport(page, "[data-testid=generate]")["inside"]
+    page.click("[data-testid=generate]")
+    page.locator("[data-testid=progress-panel]").wait_for(state="visible")
+    for selector in ("[data-testid=status]", "[data-testid=progress-bar]", "[data-testid=generate]"):
+        box = in_viewport(page, selector)
+        assert box["inside"] and box["scrollY"] == 0, (selector, box)
+    page.wait_for_function("document.querySelector('[data-testid=status]').textContent.startsWith('Done')")
+    assert in_viewport(page, "[data-testid=status]")["inside"]
+    # The only console error is the browser's own note about the refused (415) upload.
+    assert [e for e in page.errors if "status of 415" not in e] == []  # type: ignore[attr-defined]
+
+
+# -- stubbed API answers --------------------------------------------------------------------------
+
+FAKE_ID = "f" * 32
+
+
+def test_preparing_status_is_named(server: LiveServer, laptop: Page) -> None:
+    # The encoders' stage is too short to catch on a real server, so the API answers are stubbed.
+    page = laptop
+    seen_ids: list[str | None] = []
+
+    def generations(route) -> None:
+        request = route.request
+        seen_ids.append(request.headers.get("x-client-id"))
+        if request.method == "POST":
+            body = {"id": FAKE_ID, "status": "queued", "cache_hit": False}
+            route.fulfill(status=202, content_type="application/json", body=json.dumps(body))
+        elif request.url.endswith(FAKE_ID):
+            body = {"id": FAKE_ID, "status": "preparing", "progress": {"step": 0, "total": 0}, "prompt": "rain"}
+            route.fulfill(content_type="application/json", body=json.dumps(body))
+        else:
+            route.fulfill(content_type="application/json", body=json.dumps({"items": []}))
+
+    page.route("**/v1/generations**", generations)
+    page.goto(server.url + "/")
+    page.set_input_files("[data-testid=video-input]", str(sample_clip_path()))
+    page.click("[data-testid=generate]")
+    status = page.locator("[data-testid=status]")
+    page.wait_for_function("document.querySelector('[data-testid=status]').textContent.startsWith('Preparing')")
+    assert status.inner_text() == "Preparing: reading the video and prompt…"
+    assert page.locator("[data-testid=progress-bar]").get_attribute("value") is None  # indeterminate
+    assert page.locator("[data-testid=cancel]").is_visible()
+    assert in_viewport(page, "[data-testid=status]")["inside"]
+    # Every call (list, submit, poll) carried the same client id.
+    assert len(seen_ids) >= 3 and len(set(seen_ids)) == 1 and seen_ids[0], seen_ids
+
+
+def stub_info(page: Page, **changes) -> None:
+    """Answer /v1/info like an edge-profile server, with ``changes`` merged in."""
+    info = {
+        "ready": True,
+        "engine": {"model": "xl", "precision": "fp8-weight-only", "device": "cuda:0"},
+        "limits": {"max_upload_bytes": 100 * 2**20, "max_prompt_chars": 500, "steps": [1, 50], "guidance": [0, 10],
+                   "seed": [0, 2**63 - 1], "outputs": ["wav", "flac"], "max_video_seconds": 8},
+        "defaults": {"steps": 25, "guidance": 3.5, "negative_prompt": "hiss", "output": "flac"},
+        "auth": False,
+        "demo": False,
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            info[key] = {**info[key], **value}
+        else:
+            info[key] = value
+    page.route("**/v1/info", lambda route: route.fulfill(content_type="application/json", body=json.dumps(info)))
+
+
+def test_fields_follow_the_servers_limits(server: LiveServer, laptop: Page, tmp_path: Path) -> None:
+    page = laptop
+    stub_info(page)
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    steps = page.locator("[data-testid=steps]")
+    assert steps.get_attribute("max") == "50" and steps.input_value() == "25"
+    assert "1–50" in page.locator("[data-testid=steps-hint]").inner_text()
+    guidance = page.locator("[data-testid=guidance]")
+    assert guidance.get_attribute("max") == "10" and guidance.input_value() == "3.5"
+    output = page.locator("[data-testid=output]")
+    assert output.locator("option").evaluate_all("os => os.map(o => o.value)") == ["wav", "flac"]
+    assert output.input_value() == "flac"
+    assert page.locator("[data-testid=negative-prompt]").input_value() == "hiss"
+    assert page.locator("[data-testid=prompt]").get_attribute("maxlength") == "500"
+    assert "8" in page.locator("[data-testid=video-limits]").inner_text()
+    assert page.locator("[data-testid=demo-banner]").is_hidden()
+
+    # Over the server's step limit: refused in the page, naming the field; nothing is sent.
+    page.set_input_files("[data-testid=video-input]", str(sample_clip_path()))
+    page.fill("[data-testid=steps]", "51")
+    page.click("[data-testid=generate]")
+    page.wait_for_function("document.querySelector('[data-testid=alert-message]').textContent.startsWith('Steps')")
+    assert in_viewport(page, "[data-testid=alert-message]")["inside"]
+    assert posts == []
+
+
+def test_too_large_video_is_refused_before_upload(server: LiveServer, page: Page) -> None:
+    stub_info(page, limits={"max_upload_bytes": 4096})
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    page.set_input_files("[data-testid=video-input]", str(sample_clip_path()))
+    page.locator("[data-testid=alert]").wait_for(state="visible")
+    assert page.locator("[data-testid=alert]").get_attribute("data-code") == "payload_too_large"
+    assert "4.0 kB" in page.locator("[data-testid=alert-message]").inner_text()
+    page.click("[data-testid=generate]")
+    page.wait_for_function("document.querySelector('[data-testid=alert-message]').textContent.startsWith('No video')")
+    assert posts == []
+
+
+def test_defaults_wait_for_the_server(server: LiveServer, page: Page) -> None:
+    # A press before /v1/info has answered still obeys the server's limits, and a value the user
+    # typed is not overwritten by the server's default.
+    release: list = []
+    page.route("**/v1/info", lambda route: release.append(route))
+    page.goto(server.url + "/")
+    page.fill("[data-testid=steps]", "60")
+    page.set_input_files("[data-testid=video-input]", str(sample_clip_path()))
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.click("[data-testid=generate]")
+    page.wait_for_function("() => true")
+    assert release, "the page did not ask for /v1/info"
+    info = {"ready": True, "limits": {"steps": [1, 50]}, "defaults": {"steps": 25}, "demo": False}
+    release[0].fulfill(content_type="application/json", body=json.dumps(info))
+    page.wait_for_function("document.querySelector('[data-testid=alert-message]').textContent.startsWith('Steps')")
+    assert page.locator("[data-testid=steps]").input_value() == "60"
+    assert posts == []
+
+
+def test_demo_banner_and_labels(server: LiveServer, laptop: Page) -> None:
+    page = laptop
+    page.goto(server.url + "/")
+    banner = page.locator("[data-testid=demo-banner]")
+    banner.wait_for(state="visible")  # the test server runs the random-weight demo model
+    assert "noise" in banner.inner_text() and "random" in banner.inner_text()
+    assert in_viewport(page, "[data-testid=generate]")["inside"]  # the banner does not push it out
+    # The official spec's labels, tied to their fields.
+    assert page.get_by_label("Video Input").get_attribute("data-testid") == "video-input"
+    assert page.get_by_label("Audio Description").get_attribute("data-testid") == "prompt"
+
+
+def test_demo_banner_hidden_for_a_real_model(server: LiveServer, page: Page) -> None:
+    stub_info(page)
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    assert page.locator("[data-testid=demo-banner]").is_hidden()
+
+
+# -- this browser's jobs ---------------------------------------------------------------------------
+
+
+def test_client_id_is_stable_and_sent(server: LiveServer, page: Page) -> None:
+    ids: list[str | None] = []
+    page.on("request", lambda r: ids.append(r.headers.get("x-client-id")) if "/v1/" in r.url else None)
+    page.goto(server.url + "/")
+    page.locator("[data-testid=recent-empty], [data-testid=recent-job]").first.wait_for(state="attached")
+    page.wait_for_function("document.body.dataset.limits === 'server'")
+    stored = page.evaluate("localStorage.getItem('foleyserve.clientId')")
+    assert stored and len(stored) >= 16
+    page.reload()
+    page.wait_for_function("document.body.dataset.limits === 'server'")
+    assert page.evaluate("localStorage.getItem('foleyserve.clientId')") == stored
+    assert ids and set(ids) == {stored}, ids
+
+
+# Needs the server side of issue 10 (jobs record the X-Client-Id they were sent with, and
+# GET /v1/generations lists only the caller's); until that lands this test fails.
+@pytest.mark.xfail(reason="needs the server's X-Client-Id filter on GET /v1/generations (issue 10)", strict=False)
+def test_recent_jobs_are_only_this_browsers(server: LiveServer, browser: Browser) -> None:
+    with open(sample_clip_path(), "rb") as f:
+        clip = f.read()
+    mine = httpx.post(f"{server.url}/v1/generations", files={"video": ("a.mp4", clip, "video/mp4")},
+                      data={"prompt": "mine", "steps": "1", "output": "wav"}, headers={"X-Client-Id": "browser-a-0001"},
+                      timeout=30)
+    theirs = httpx.post(f"{server.url}/v1/generations", files={"video": ("b.mp4", clip, "video/mp4")},
+                        data={"prompt": "theirs", "steps": "1", "output": "wav"}, headers={"X-Client-Id": "browser-b-0002"},
+                        timeout=30)
+    assert mine.status_code == 202 and theirs.status_code == 202, (mine.text, theirs.text)
+    for client, shown, hidden in (("browser-a-0001", mine, theirs), ("browser-b-0002", theirs, mine)):
+        context, page = open_page(browser, 1280, 720)
+        try:
+            set_client_id(page, client)
+            page.goto(server.url + "/")
+            page.locator(f"[data-testid=recent-job][data-job-id='{shown.json()['id']}']").wait_for(state="visible")
+            assert page.locator(f"[data-testid=recent-job][data-job-id='{hidden.json()['id']}']").count() == 0
+        finally:
+            context.close()

@@ -1,16 +1,30 @@
 // foleyserve web page: upload a video, follow the job, play and inspect the result.
 // Plain ES module, no build step and no third-party code, so the page works offline.
-// It talks only to the public HTTP API (/v1/generations...).
+// It talks only to the public HTTP API (/v1/info, /v1/generations...).
 
 const API = "v1/generations"; // relative: the page keeps working behind a proxy sub-path
+const INFO = "v1/info";
 const POLL_MS = 500;
+const INFO_RETRY_MS = 3000;
 const RECENT_LIMIT = 20;
 const KEY_STORAGE = "foleyserve.apiKey";
+const CLIENT_STORAGE = "foleyserve.clientId";
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+// What the page assumes of a server whose /v1/info is missing or older than the page.
+const FALLBACK_LIMITS = { steps: [1, 1000], guidance: [0, 100], maxUploadBytes: 0, maxSeconds: 15, maxPromptChars: 2000 };
+const OUTPUT_LABELS = {
+  mp4: "MP4: the video with the new sound",
+  wav: "WAV audio",
+  flac: "FLAC audio",
+};
 
 const $ = (id) => document.getElementById(id);
 
 const el = {
+  demoBanner: $("demo-banner"),
+  videoLimits: $("video-limits"),
+  stepsHint: $("steps-hint"),
+  guidanceHint: $("guidance-hint"),
   alert: $("alert"),
   alertMessage: $("alert-message"),
   alertClose: $("alert-close"),
@@ -59,6 +73,9 @@ const state = {
   lastSeed: null,
   uploading: false,
   submitted: new Map(), // job id -> the seed string this page sent
+  limits: { ...FALLBACK_LIMITS },
+  info: null, // the promise of the first /v1/info answer (null once it has failed for good)
+  touched: new Set(), // fields the user has edited, which the server's defaults must not overwrite
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -76,9 +93,37 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
+function newClientId() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  // randomUUID exists only in secure contexts; a page served over plain HTTP on a LAN address
+  // still has getRandomValues, so build the same version-4 UUID from it.
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+// The server lists only the jobs sent with the same id, so this browser sees its own history.
+// It is not a secret: it sorts jobs, the API key is what guards them.
+const CLIENT_ID = (() => {
+  try {
+    let id = localStorage.getItem(CLIENT_STORAGE);
+    if (!id) {
+      id = newClientId();
+      localStorage.setItem(CLIENT_STORAGE, id);
+    }
+    return id;
+  } catch {
+    return newClientId(); // storage refused (private mode, policy): a history for this visit only
+  }
+})();
+
 function authHeaders() {
   const key = apiKey();
-  return key ? { Authorization: `Bearer ${key}` } : {};
+  const headers = { "X-Client-Id": CLIENT_ID };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
 }
 
 // The server answers {"error": {"code", "message"}}; FastAPI's own fallbacks use {"detail": ...}.
@@ -222,7 +267,7 @@ el.keyForm.addEventListener("submit", (e) => {
   el.keyInput.value = "";
   el.keyForm.hidden = true;
   hideAlert();
-  refreshRecent();
+  start();
 });
 
 el.alertClose.addEventListener("click", hideAlert);
@@ -253,14 +298,30 @@ function chooseFile(file) {
     state.file = null;
     return;
   }
+  if (tooLarge(file)) {
+    showAlert(tooLargeMessage(file), "payload_too_large");
+    state.file = null;
+    return;
+  }
   state.previewUrl = URL.createObjectURL(file);
   el.preview.src = state.previewUrl;
   el.preview.hidden = false;
 }
 
+function tooLarge(file) {
+  return state.limits.maxUploadBytes > 0 && file.size > state.limits.maxUploadBytes;
+}
+
+function tooLargeMessage(file) {
+  return `The video is too large: ${file.name} is ${formatBytes(file.size)} and this server takes at most ${formatBytes(state.limits.maxUploadBytes)}. Trim or re-encode it.`;
+}
+
 el.preview.addEventListener("loadedmetadata", () => {
   if (state.file && Number.isFinite(el.preview.duration)) {
-    el.videoInfo.textContent = `${state.file.name} · ${formatBytes(state.file.size)} · ${el.preview.duration.toFixed(1)} s`;
+    let text = `${state.file.name} · ${formatBytes(state.file.size)} · ${el.preview.duration.toFixed(1)} s`;
+    const max = state.limits.maxSeconds;
+    if (max > 0 && el.preview.duration > max + 0.05) text += ` · sound for the first ${max} s only; the rest stays silent`;
+    el.videoInfo.textContent = text;
   }
 });
 
@@ -351,6 +412,19 @@ el.form.addEventListener("submit", async (e) => {
     el.videoInput.focus();
     return;
   }
+  // The fields' ranges come from the server: a press before its answer must not skip them.
+  if (state.info) {
+    state.uploading = true;
+    try {
+      await state.info;
+    } finally {
+      state.uploading = false;
+    }
+  }
+  if (tooLarge(state.file)) {
+    showAlert(tooLargeMessage(state.file), "payload_too_large");
+    return;
+  }
   const invalid = firstInvalidField();
   if (invalid) {
     showAlert(`${fieldLabel(invalid)}: ${invalid.validationMessage}`, "invalid_parameter");
@@ -394,8 +468,10 @@ function statusLine(job) {
   switch (job.status) {
     case "queued":
       return "Queued: waiting for the model";
+    case "preparing":
+      return "Preparing: reading the video and prompt…";
     case "running":
-      return step > 0 && total > 0 ? `Generating: step ${step} of ${total}` : "Running: reading the video and the prompt";
+      return step > 0 && total > 0 ? `Generating: step ${step} of ${total}` : "Generating: starting";
     case "succeeded":
       return job.cache_hit ? "Done (served from the cache)" : "Done";
     case "failed":
@@ -425,7 +501,7 @@ function renderProgress(job) {
     bar.max = total || 1;
     bar.value = step;
   } else {
-    bar.removeAttribute("value"); // indeterminate while queued or encoding
+    bar.removeAttribute("value"); // indeterminate while queued or preparing
   }
   el.progressText.textContent = total > 0 && (job.status === "running" || FINAL.has(job.status))
     ? `${job.status === "succeeded" ? total : step} / ${total} denoising steps`
@@ -845,4 +921,95 @@ el.recentRefresh.addEventListener("click", () => {
   refreshRecent();
 });
 
-refreshRecent();
+// ---------------------------------------------------------------------------------------------
+// the server's limits and defaults
+
+function pair(value, fallback) {
+  return Array.isArray(value) && value.length === 2 && value.every(Number.isFinite) ? value : fallback;
+}
+
+function setNumberField(input, [min, max], defaultValue) {
+  input.min = String(min);
+  input.max = String(max);
+  if (state.touched.has(input.id)) return; // out of range, it is refused on submit, naming the range
+  const value = Number.isFinite(defaultValue) ? defaultValue : Number(input.value);
+  if (Number.isFinite(value)) input.value = String(Math.min(max, Math.max(min, value)));
+}
+
+function setOutputs(outputs, defaultOutput) {
+  if (!Array.isArray(outputs) || outputs.length === 0) return;
+  const chosen = state.touched.has(el.output.id) ? el.output.value : defaultOutput;
+  el.output.replaceChildren(
+    ...outputs.map((name) => new Option(OUTPUT_LABELS[name] || String(name).toUpperCase(), name)),
+  );
+  el.output.value = outputs.includes(chosen) ? chosen : outputs[0];
+}
+
+function isDemo(info) {
+  if (info.demo === true) return true;
+  // Servers whose /v1/info has no demo flag still name the model.
+  const model = info.engine && typeof info.engine.model === "string" ? info.engine.model : "";
+  return /^demo\b/i.test(model);
+}
+
+function applyInfo(info) {
+  const limits = info.limits || {};
+  const defaults = info.defaults || {};
+  const steps = pair(limits.steps, FALLBACK_LIMITS.steps);
+  const guidance = pair(limits.guidance, FALLBACK_LIMITS.guidance);
+  state.limits = {
+    steps,
+    guidance,
+    maxUploadBytes: Number.isFinite(limits.max_upload_bytes) ? limits.max_upload_bytes : FALLBACK_LIMITS.maxUploadBytes,
+    maxSeconds: Number.isFinite(limits.max_video_seconds) ? limits.max_video_seconds : FALLBACK_LIMITS.maxSeconds,
+    maxPromptChars: Number.isFinite(limits.max_prompt_chars) ? limits.max_prompt_chars : FALLBACK_LIMITS.maxPromptChars,
+  };
+
+  setNumberField(el.steps, steps, defaults.steps);
+  const reference = Number.isFinite(defaults.steps) ? defaults.steps : 50;
+  el.stepsHint.textContent = `${steps[0]}–${steps[1]}; fewer is faster, this server's default is ${reference}.`;
+  setNumberField(el.guidance, guidance, defaults.guidance);
+  el.guidanceHint.textContent = `${guidance[0]}–${guidance[1]}; how strongly the text steers the sound.`;
+  const seed = pair(limits.seed, null);
+  if (seed) el.seed.max = String(seed[1]);
+  if (typeof defaults.negative_prompt === "string" && !state.touched.has(el.negative.id)) el.negative.value = defaults.negative_prompt;
+  for (const input of [el.prompt, el.negative]) input.maxLength = state.limits.maxPromptChars;
+  setOutputs(limits.outputs, defaults.output);
+
+  const parts = [];
+  if (state.limits.maxUploadBytes > 0) parts.push(`Up to ${formatBytes(state.limits.maxUploadBytes)}`);
+  if (state.limits.maxSeconds > 0) parts.push(`sound is made for its first ${state.limits.maxSeconds}\u00a0s`);
+  if (parts.length) el.videoLimits.textContent = `${parts.join("; ")}.`;
+  el.demoBanner.hidden = !isDemo(info);
+  document.body.dataset.limits = "server"; // lets a test tell the server's values from the page's own
+}
+
+for (const input of [el.steps, el.guidance, el.negative, el.output]) {
+  input.addEventListener("input", () => state.touched.add(input.id));
+}
+
+// Resolves to "ok", "unauthorized" or "failed"; a server that is still loading its model is asked
+// again later, since only then does it know what model (demo or not) it runs.
+async function loadInfo() {
+  let info;
+  try {
+    info = await (await api(INFO)).json();
+  } catch (err) {
+    if (err.status === 401) return "unauthorized";
+    // An older server without /v1/info: the page's own ranges stand and the server still checks.
+    console.warn(`foleyserve: ${INFO} unavailable (${err.message}); using the page's built-in limits`);
+    return "failed";
+  }
+  applyInfo(info);
+  if (info.ready === false) setTimeout(() => loadInfo(), INFO_RETRY_MS);
+  return "ok";
+}
+
+async function start() {
+  state.info = loadInfo();
+  const answer = await state.info;
+  // With a missing or wrong key both requests would answer 401; asking for the key once is enough.
+  if (answer !== "unauthorized") refreshRecent();
+}
+
+start();
