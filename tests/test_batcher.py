@@ -266,6 +266,33 @@ def test_a_full_queue_raises_queue_full_with_retry_after(engine, clips):
     assert b.queue_depth() == 2
 
 
+def test_retry_after_follows_the_drain_rate_and_spreads_refused_clients(engine, clips, monkeypatch):
+    import foleyserve.runtime.batcher as batcher_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(batcher_module.time, "monotonic", lambda: clock[0])
+    b = Batcher(engine, BatcherConfig(max_queue=1))  # not started: we move jobs out by hand
+    # Nothing has left the queue yet: a default per refused client, growing with each refusal.
+    assert [b.retry_after() for _ in range(3)] == [5.0, 10.0, 15.0]
+    clock[0] += 100.0  # those promises expire
+    # Ten jobs left the queue over the last 20 s: 0.5 jobs/s, so a slot every 2 s.
+    for i in range(10):
+        b._leaves.append(clock[0] - 20.0 + 2.0 * i)
+    waits = [b.retry_after() for _ in range(4)]
+    assert waits == [2.0, 4.0, 6.0, 8.0]  # the k-th refused client is told k slots' time
+    clock[0] += 5.0  # the first two promises are due: the next refusal queues behind the other two
+    assert b.retry_after() == 3 / (10 / 25.0)
+
+
+def test_jobs_report_preparing_while_their_encoders_run(engine, clips, calls):
+    seen: list[str] = []
+    b = Batcher(engine, BatcherConfig(max_batch_size=1, max_wait_ms=0), on_update=lambda j: seen.append(j.status))
+    with b:
+        job = b.submit(_req(clips.one, 1))
+        assert job.wait(60)
+    assert seen[0] == "preparing" and seen.index("preparing") < seen.index("running") and seen[-1] == "succeeded"
+
+
 def test_interactive_jobs_go_before_bulk_jobs_fifo_within_each(engine, clips, calls):
     b = Batcher(engine, BatcherConfig(max_batch_size=1, max_wait_ms=0))
     jobs = [
