@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from foleyserve.config import EngineConfig
+    from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.pipeline.requests import GenerationRequest, GenerationResult
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -93,7 +98,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ generate
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "fp8-weight-only")
-_CSV_FORMATS = ("mp4", "wav", "flac")
+_OUTPUT_SUFFIXES = (".wav", ".flac", ".mp4")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +108,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("xxl", "xl"), default="xxl", help="which denoiser of the model folder (default xxl)")
     p.add_argument(
         "--precision", default=None,
-        help=f"denoiser precision policy: {', '.join(_PRECISIONS)} (default bf16; fp32 for --demo)",
+        help=f"denoiser precision policy: {', '.join(_PRECISIONS)} (default bf16; for --demo bf16 where the "
+        "CPU or GPU has bf16 matrix units, else fp32)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--siglip-dir", type=Path, help="local google/siglip2-base-patch16-512 folder (default: search)")
@@ -120,12 +126,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-fp32", metavar="PATTERNS", help="comma-separated layer patterns kept in fp32 under bf16/fp16/fp8")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, prompt: str = "") -> None:
     from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT
 
-    p.add_argument("--prompt", default="", help="what the scene should sound like")
+    said = f" (default {prompt!r})" if prompt else ""
+    p.add_argument("--prompt", default=prompt, help=f"what the scene should sound like{said}")
     p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f"what to avoid (default {DEFAULT_NEGATIVE_PROMPT!r})")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same audio on any device")
 
@@ -133,54 +140,67 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate Foley audio for a video (or a CSV of videos)",
-        description="Generate 48 kHz Foley for VIDEO and write it as .wav, .flac or an .mp4 with the new sound.",
+        help="generate Foley audio for a video",
+        description=(
+            "Generate 48 kHz Foley for VIDEO and write it as .wav, .flac or an .mp4 with the new sound. "
+            "Every flag and the input are checked before the model loads. For a CSV of jobs use `foleyserve batch`."
+        ),
     )
     p.add_argument("video", metavar="VIDEO", nargs="?", type=Path, help="input video file")
     p.add_argument("--out", type=Path, help="output file: .wav, .flac or .mp4 (default: VIDEO_foley.mp4 beside the input)")
     p.add_argument("--keep-original-audio", type=float, metavar="GAIN", help="mix the video's own sound under the Foley at this gain (mp4)")
-    p.add_argument("--csv", type=Path, help="jobs file with columns video,prompt[,negative_prompt,seed]; resumable")
-    p.add_argument("--out-dir", type=Path, help="output folder for --csv")
-    p.add_argument("--format", choices=_CSV_FORMATS, default="mp4", help="output format for --csv (default mp4)")
+    # `generate --csv` moved to `batch`; the old flags stay (hidden) to answer with where it went.
+    p.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--format", help=argparse.SUPPRESS)
     _add_sampling_args(p)
     _add_engine_args(p)
     p.set_defaults(run=_run_generate)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from foleyserve.pipeline.demo import DEMO_PROMPT, DEMO_STEPS
+
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on the bundled sample clip with the demo model",
-        description="Generate for the bundled sample clip with the tiny random-weight demo model (its output is noise).",
+        description=(
+            "Generate for the bundled sample clip with the tiny random-weight demo model (its output is noise, "
+            "at about -23 dBFS). It runs in bf16 where the CPU has bf16 matrix units (AMX, AVX512-BF16), else fp32."
+        ),
     )
     p.add_argument("--out", type=Path, default=Path("out/sample_foley.mp4"), help="output file (default out/sample_foley.mp4)")
     p.add_argument("--video", type=Path, help="use this video instead of the bundled sample")
-    _add_sampling_args(p)
-    p.set_defaults(run=_run_demo, prompt="a ball bouncing on a wooden floor", steps=25)
+    p.add_argument("--precision", default=None, help=f"override the demo's precision: {', '.join(_PRECISIONS)}")
+    _add_sampling_args(p, steps=DEMO_STEPS, prompt=DEMO_PROMPT)
+    p.set_defaults(run=_run_demo)
 
 
-def engine_config_from_args(args: argparse.Namespace):
-    """The :class:`EngineConfig` that the engine flags describe (shared by generate, batch, serve)."""
+def engine_config_from_args(args: argparse.Namespace) -> "EngineConfig":
+    """The validated :class:`EngineConfig` that the engine flags describe (generate, batch, serve).
+
+    Raises :class:`UsageError` for an unknown precision, device, offload mode or a combination
+    that cannot run; nothing is loaded.
+    """
     from foleyserve.config import ConfigError, EngineConfig
 
-    precision = args.precision or ("fp32" if args.demo else "bf16")
-    if precision not in _PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(_PRECISIONS)}")
-    if not args.demo and args.model_dir is None:
+    demo = bool(getattr(args, "demo", False))
+    precision = args.precision or (demo_precision_for(args.device)[0] if demo else "bf16")
+    if getattr(args, "model_dir", None) is None and not demo:
         raise UsageError("no model given: pass --model-dir DIR (the official weights) or --demo")
     keep = getattr(args, "keep_fp32", None)
     config = EngineConfig(
-        model_dir=args.model_dir,
-        demo=bool(args.demo),
-        model=args.model,
+        model_dir=getattr(args, "model_dir", None),
+        demo=demo,
+        model=getattr(args, "model", "xxl"),
         precision=precision,
         device=args.device,
         keep_fp32=[k.strip() for k in keep.split(",") if k.strip()] if keep is not None else None,
         step_cache=getattr(args, "step_cache", None),
         compile=bool(getattr(args, "compile", False)),
         offload=getattr(args, "offload", "none"),
-        siglip_dir=args.siglip_dir,
-        clap_dir=args.clap_dir,
+        siglip_dir=getattr(args, "siglip_dir", None),
+        clap_dir=getattr(args, "clap_dir", None),
     )
     try:
         return config.validate()
@@ -188,16 +208,75 @@ def engine_config_from_args(args: argparse.Namespace):
         raise UsageError(str(err)) from None
 
 
-def _engine_from_args(args: argparse.Namespace):
+def demo_precision_for(device: str) -> tuple[str, str]:
+    """(precision, reason) for the demo model on ``device``; see :func:`foleyserve.pipeline.demo.demo_precision`."""
+    from foleyserve.pipeline.demo import demo_precision
+
+    try:
+        return demo_precision(device)
+    except RuntimeError:  # a malformed device string: validate() names the choices
+        return "fp32", "unknown device"
+
+
+def check_before_loading(config: "EngineConfig", requests: "Sequence[GenerationRequest]") -> None:
+    """Everything about a run that can be checked without loading a model, cheapest first.
+
+    The device (is the GPU there?), the model folder (every file present), each request's fields,
+    its prompts' token counts (with the tokenizer alone) and its video (probe and decode budget).
+    Raises :class:`UsageError` with the first problem.
+    """
+    from foleyserve.pipeline.model_dir import check_model_folder
+    from foleyserve.pipeline.pipeline import resolve_device
+    from foleyserve.preflight import PromptChecker, check_video
+
+    try:
+        resolve_device(config.device)
+        if not config.demo:
+            check_model_folder(config.model_dir, model=config.model, siglip_dir=config.siglip_dir, clap_dir=config.clap_dir)  # type: ignore[arg-type]
+        for request in requests:
+            request.validate()
+        checker = PromptChecker(demo=config.demo, model_dir=config.model_dir, clap_dir=config.clap_dir)
+        for request in requests:
+            checker.check(request.prompt, request.negative_prompt)
+            if isinstance(request.video, (str, Path)):
+                check_video(request.video)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+
+
+def load_engine(config: "EngineConfig") -> "Engine":
+    """Build the engine for a checked config, saying on stderr when it is the demo model."""
     from foleyserve.pipeline.pipeline import Engine
 
-    config = engine_config_from_args(args)
     if config.demo:
-        print("foleyserve: using the DEMO model (random weights): the audio will be noise", file=sys.stderr)
-    return Engine.from_config(config)
+        chosen, why = demo_precision_for(config.device)
+        reason = why if config.precision == chosen else "asked for"
+        print(f"foleyserve: using the DEMO model (random weights, the audio is noise); precision: {config.precision} ({reason})", file=sys.stderr)
+    try:
+        return Engine.from_config(config)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+
+
+def _engine_from_args(args: argparse.Namespace) -> "Engine":
+    return load_engine(engine_config_from_args(args))
+
+
+def check_input_file(path: Path, what: str = "video") -> None:
+    """A readable file at ``path``, or a :class:`UsageError` that says what is wrong with it."""
+    import os
+
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder, not a file; pass the path of a {what} file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable; check its permissions")
 
 
 def _check_writable(path: Path) -> None:
+    import os
+
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"cannot write {path}: {parent} is not a folder")
@@ -205,12 +284,16 @@ def _check_writable(path: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
-    import os
-
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write {path}: folder {parent} is not writable; choose another --out")
     if path.is_dir():
         raise UsageError(f"output {path} is a folder; give a file name ending in .wav, .flac or .mp4")
+
+
+def _check_output(out: Path) -> None:
+    if out.suffix.lower() not in _OUTPUT_SUFFIXES:
+        raise UsageError(f"output {out} must end in .wav, .flac or .mp4")
+    _check_writable(out)
 
 
 class _Progress:
@@ -250,131 +333,73 @@ def _summary(result) -> str:
 
 
 def _generation_errors() -> tuple[type[BaseException], ...]:
+    from foleyserve.config import ConfigError
     from foleyserve.media import MediaError
+    from foleyserve.models.encoders import PromptTooLongError
     from foleyserve.models.loading import CheckpointError
     from foleyserve.pipeline.model_dir import ModelFolderError
     from foleyserve.pipeline.requests import RequestError
 
-    return (MediaError, RequestError, ModelFolderError, CheckpointError)
+    return (MediaError, RequestError, ModelFolderError, CheckpointError, PromptTooLongError, ConfigError)
 
 
-def _run_one(engine, video: Path, out: Path, args: argparse.Namespace, gain: float | None = None):
+def _request(args: argparse.Namespace, video: Path, out: Path, gain: float | None = None) -> "GenerationRequest":
     from foleyserve.pipeline.requests import GenerationRequest
 
-    req = GenerationRequest(
+    return GenerationRequest(
         video=video, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, seed=args.seed, output=out, keep_original_audio_gain=gain,
     )
+
+
+def _run_one(engine: "Engine", request: "GenerationRequest") -> "GenerationResult":
     progress = _Progress()
     try:
-        return engine.generate(req, progress=progress)
+        return engine.generate(request, progress=progress)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
     finally:
         progress.close()
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     if args.csv is not None:
-        return _run_csv(args)
+        raise UsageError(
+            f"`generate --csv` is now `foleyserve batch {args.csv} --out-dir DIR` (the same columns, plus an optional "
+            f"'id'; resumable); see `foleyserve batch --help`"
+        )
     if args.video is None:
-        raise UsageError("no input: pass a VIDEO file, or --csv jobs.csv --out-dir DIR")
-    if not args.video.exists():
-        raise UsageError(f"video {args.video} does not exist; check the path")
+        raise UsageError("no input: pass a VIDEO file (for a CSV of jobs, use `foleyserve batch JOBS.csv --out-dir DIR`)")
+    check_input_file(args.video)
     out = args.out or args.video.with_name(args.video.stem + "_foley.mp4")
-    if out.suffix.lower() not in (".wav", ".flac", ".mp4"):
-        raise UsageError(f"output {out} must end in .wav, .flac or .mp4")
-    _check_writable(out)
-    try:
-        engine = _engine_from_args(args)
-        result = _run_one(engine, args.video, out, args, gain=args.keep_original_audio)
-    except _generation_errors() as err:
-        raise UsageError(str(err)) from None
+    _check_output(out)
+    config = engine_config_from_args(args)
+    request = _request(args, args.video, out, gain=args.keep_original_audio)
+    check_before_loading(config, [request])
+    result = _run_one(load_engine(config), request)
     print(_summary(result))
     return EXIT_OK
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.config import EngineConfig
     from foleyserve.pipeline.demo import sample_clip_path
 
     video = args.video or sample_clip_path()
-    if not video.exists():
-        raise UsageError(f"video {video} does not exist; check the path")
-    _check_writable(args.out)
-    print("foleyserve demo: tiny random-weight model, the audio is NOISE; use `generate --model-dir` for real Foley", file=sys.stderr)
+    check_input_file(video)
+    _check_output(args.out)
+    precision = args.precision or demo_precision_for("cpu")[0]
+    config = EngineConfig(demo=True, precision=precision, device="cpu")
     try:
-        engine = Engine.demo()
-        result = _run_one(engine, video, args.out, args)
+        config = config.validate()
     except _generation_errors() as err:
         raise UsageError(str(err)) from None
+    request = _request(args, video, args.out)
+    check_before_loading(config, [request])
+    print("foleyserve demo: tiny random-weight model, the audio is NOISE; use `generate --model-dir` for real Foley", file=sys.stderr)
+    result = _run_one(load_engine(config), request)
     print(_summary(result))
     return EXIT_OK
-
-
-def _read_jobs(path: Path) -> list[dict[str, str]]:
-    import csv
-
-    if not path.is_file():
-        raise UsageError(f"jobs file {path} does not exist; check the --csv path")
-    try:
-        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            if "video" not in cols or "prompt" not in cols:
-                raise UsageError(f"{path} needs a header with columns video,prompt[,negative_prompt,seed]; found {cols}")
-            rows = []
-            for row in reader:
-                if None in row:  # DictReader files surplus fields under the key None
-                    raise UsageError(
-                        f"{path} line {reader.line_num} has more fields than the header ({len(cols)}); "
-                        f"put a prompt that contains commas in double quotes"
-                    )
-                rows.append({k.strip(): (v or "").strip() for k, v in row.items()})
-            return rows
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a UTF-8 text CSV file") from None
-
-
-def _run_csv(args: argparse.Namespace) -> int:
-    import copy
-
-    if args.out_dir is None:
-        raise UsageError("--csv needs --out-dir DIR for the results")
-    jobs = _read_jobs(args.csv)
-    _check_writable(args.out_dir / "probe")
-    try:
-        engine = _engine_from_args(args)
-    except _generation_errors() as err:
-        raise UsageError(str(err)) from None
-    base = args.csv.parent
-    done = skipped = failed = 0
-    for i, job in enumerate(jobs):
-        out = args.out_dir / f"{i:04d}.{args.format}"
-        if out.exists():  # written atomically below, so an existing file is a finished row
-            skipped += 1
-            continue
-        row = copy.copy(args)
-        row.prompt = job.get("prompt", "")
-        row.negative_prompt = job.get("negative_prompt") or args.negative_prompt
-        try:
-            try:
-                row.seed = int(job["seed"]) if job.get("seed") else args.seed
-            except ValueError:
-                raise UsageError(f"seed {job['seed']!r} is not an integer; fix the 'seed' column or leave it empty") from None
-            video = Path(job["video"])
-            video = video if video.is_absolute() else base / video
-            if not video.exists():
-                raise UsageError(f"video {video} does not exist; check the path in the 'video' column")
-            tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-            _run_one(engine, video, tmp, row)
-            tmp.replace(out)
-            done += 1
-            print(f"row {i}: wrote {out}")
-        except (UsageError, ValueError, *_generation_errors()) as err:
-            failed += 1
-            print(f"row {i}: failed, skipped: {err}", file=sys.stderr)
-    print(f"{done} generated, {skipped} already done, {failed} failed, of {len(jobs)} rows")
-    return EXIT_OK if failed == 0 else 1
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -385,6 +410,33 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, 
 _COMMAND_MODULES = ("serve", "batch", "profile", "fidelity")
 
 
+# What each command needs beyond the core dependencies, and the extra that installs it.
+SERVE_EXTRA = "pip install 'foleyserve[serve]'"
+_EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "multipart", "diskcache", "redis", "prometheus_client")}
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """Which of these top-level modules cannot be imported here."""
+    import importlib
+
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _require_extra(command: str) -> None:
+    missing = missing_modules(_EXTRA_MODULES.get(command, ()))
+    if missing:
+        raise UsageError(
+            f"`foleyserve {command}` needs the serve extra, which is not installed (missing: {', '.join(missing)}); "
+            f"run: {SERVE_EXTRA}"
+        )
+
+
 def _add_command_modules(sub: argparse._SubParsersAction) -> None:
     import importlib
     import importlib.util
@@ -392,7 +444,22 @@ def _add_command_modules(sub: argparse._SubParsersAction) -> None:
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(f"foleyserve.commands.{name}") is None:
             continue
-        importlib.import_module(f"foleyserve.commands.{name}").add_parser(sub)
+        try:
+            module = importlib.import_module(f"foleyserve.commands.{name}")
+        except ImportError as err:
+            # A command whose optional dependencies are absent still shows up, and says what to install.
+            p = sub.add_parser(name, help=f"(needs {SERVE_EXTRA})", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(run=_unavailable(name, err))
+            continue
+        module.add_parser(sub)
+
+
+def _unavailable(name: str, err: ImportError) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        raise UsageError(f"`foleyserve {name}` cannot start here ({err}); run: {SERVE_EXTRA}")
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # so that callers of main() (tests, embedding programs) keep control.
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
+        _require_extra(args.command)
         return args.run(args)
     except UsageError as err:
         print(f"foleyserve {args.command}: error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ from foleyserve.models.vae import build_dac
 from foleyserve.pipeline.components import Components
 
 FEATURE_DIM = 32  # width of the toy encoders, and so of the DiT's conditioning inputs
+DEMO_CLAP_POSITIONS = 130  # the toy CLAP's position table: prompts of up to 128 tokens
 DEMO_STEPS = 25  # the toy model converges long before the real model's 50
 DEMO_PROMPT = "a ball bouncing on a wooden floor"
 # The toy decoder's last conv (before its tanh) is scaled by this: at unit scale the tanh saturates
@@ -102,7 +103,7 @@ def demo_components(device: torch.device, seed: int = 0):
     synch = randomize_(build_synchformer_visual(embed_dim=FEATURE_DIM, num_heads=2, depth=1), gen)
     tiny = dict(hidden_size=FEATURE_DIM, intermediate_size=2 * FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2)
     siglip = build_siglip_vision(seed=seed, **tiny)
-    clap = build_clap_text(seed=seed + 1, vocab_size=len(tokenizer), max_position_embeddings=130, **tiny)
+    clap = build_clap_text(seed=seed + 1, vocab_size=len(tokenizer), max_position_embeddings=DEMO_CLAP_POSITIONS, **tiny)
     return Components(
         dit=dit.to(device).eval(),
         dac=dac.to(device).eval(),

@@ -35,10 +35,15 @@ VAE_FILE = "vae_128d_48k"
 SYNCHFORMER_FILE = "synchformer_state_dict"
 SIGLIP_REPO = "google/siglip2-base-patch16-512"
 CLAP_REPO = "laion/larger_clap_general"
-HOW_TO_GET = (
-    "download the official weights with `huggingface-cli download tencent/HunyuanVideo-Foley --local-dir MODEL_DIR` "
-    "on a machine with internet access (see README, 'Run the real model')"
-)
+OFFICIAL_REPO = "tencent/HunyuanVideo-Foley"
+
+
+def how_to_get(model_dir: str | Path) -> str:
+    """How to fetch the official weights into ``model_dir`` (the user's own path, in the command)."""
+    return (
+        f"download the official weights with `hf download {OFFICIAL_REPO} --local-dir {model_dir}` "
+        f"on a machine with internet access (see README, 'Run the real model')"
+    )
 
 
 class ModelFolderError(FileNotFoundError):
@@ -58,7 +63,7 @@ def _weights_files(model_dir: Path, stems: list[str]) -> list[Path]:
     found = [_weights_file(model_dir, stem) for stem in stems]
     missing = [str(model_dir / f"{stem}.pth") for stem, p in zip(stems, found) if p is None]
     if missing:
-        raise ModelFolderError(f"{', '.join(missing)} not found: {HOW_TO_GET}")
+        raise ModelFolderError(f"{', '.join(missing)} not found: {how_to_get(model_dir)}")
     return found  # type: ignore[return-value]
 
 
@@ -67,7 +72,7 @@ def _read_weights(path: Path):
         return read_checkpoint(path)
     except CheckpointError as e:
         raise ModelFolderError(
-            f"{e}; the file is damaged or not the official one: delete it and {HOW_TO_GET}"
+            f"{e}; the file is damaged or not the official one: delete it and {how_to_get(path.parent)}"
         ) from None
 
 
@@ -81,7 +86,7 @@ def _load_hf(load, path: Path, repo_id: str):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFolderError(
             f"cannot load {repo_id} from {path} ({first}); download it again with "
-            f"`huggingface-cli download {repo_id} --local-dir {path}`"
+            f"`hf download {repo_id} --local-dir {path}`"
         ) from None
 
 
@@ -118,8 +123,36 @@ def find_hf_model(repo_id: str, model_dir: Path | None, explicit: str | Path | N
             return c
     raise ModelFolderError(
         f"{repo_id} not found (looked in {model_dir / name if model_dir else 'no model folder'} and the Hugging Face cache): "
-        f"download it with `huggingface-cli download {repo_id} --local-dir {model_dir / name if model_dir else 'DIR'}`"
+        f"download it with `hf download {repo_id} --local-dir {model_dir / name if model_dir else 'DIR'}`"
     )
+
+
+def check_model_folder(
+    model_dir: str | Path,
+    *,
+    model: str = "xxl",
+    siglip_dir: str | Path | None = None,
+    clap_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Every file a model needs, found without reading any weights (milliseconds).
+
+    Returns the paths by role (``dit``, ``vae``, ``synchformer``, ``siglip``, ``clap``); raises
+    :class:`ModelFolderError` naming everything missing and the download command for the folder
+    the user gave. :func:`load_components` runs it first; the CLI runs it before anything else.
+    """
+    root = Path(model_dir)
+    if root.exists() and not root.is_dir():
+        raise ModelFolderError(f"model folder {root} is a file, not a folder: pass the folder that holds the weights, or {how_to_get(root)}")
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder {root} does not exist: {how_to_get(root)}")
+    if model not in DIT_FILES:
+        raise ModelFolderError(f"unknown model {model!r}: choose xxl or xl")
+    dit, vae, sync = _weights_files(root, [DIT_FILES[model], VAE_FILE, SYNCHFORMER_FILE])
+    return {
+        "dit": dit, "vae": vae, "synchformer": sync,
+        "siglip": find_hf_model(SIGLIP_REPO, root, siglip_dir),
+        "clap": find_hf_model(CLAP_REPO, root, clap_dir),
+    }
 
 
 def load_components(
@@ -130,19 +163,12 @@ def load_components(
     device: torch.device = torch.device("cpu"),
     siglip_dir: str | Path | None = None,
     clap_dir: str | Path | None = None,
-):
+) -> Components:
     """Load every network of the official release into ``device``; the DiT in ``dtype``."""
-    root = Path(model_dir)
-    if root.exists() and not root.is_dir():
-        raise ModelFolderError(f"model folder {root} is a file, not a folder: pass the folder that holds the weights, or {HOW_TO_GET}")
-    if not root.is_dir():
-        raise ModelFolderError(f"model folder {root} does not exist: {HOW_TO_GET}")
-    if model not in DIT_FILES:
-        raise ModelFolderError(f"unknown model {model!r}: choose xxl or xl")
     # Resolve every file first so a missing one is reported before minutes of loading.
-    dit_path, vae_path, sync_path = _weights_files(root, [DIT_FILES[model], VAE_FILE, SYNCHFORMER_FILE])
-    siglip_path = find_hf_model(SIGLIP_REPO, root, siglip_dir)
-    clap_path = find_hf_model(CLAP_REPO, root, clap_dir)
+    files = check_model_folder(model_dir, model=model, siglip_dir=siglip_dir, clap_dir=clap_dir)
+    dit_path, vae_path, sync_path = files["dit"], files["vae"], files["synchformer"]
+    siglip_path, clap_path = files["siglip"], files["clap"]
 
     dit = build_dit(DIT_CONFIGS[model](), dtype=dtype, device="meta")
     sd, _ = _read_weights(dit_path)
@@ -153,7 +179,7 @@ def load_components(
     if "config" not in meta:
         raise ModelFolderError(
             f"{vae_path} holds no DAC settings (metadata.kwargs), so it is not the official {VAE_FILE}.pth: "
-            f"delete it and {HOW_TO_GET}"
+            f"delete it and {how_to_get(vae_path.parent)}"
         )
     # Inference only decodes: the encoder (~80% of the file) is neither built nor loaded.
     dac = dac_from_checkpoint({"state_dict": sd, "metadata": {"kwargs": meta["config"]}}, decoder_only=True).to(device).eval()
