@@ -9,11 +9,13 @@ there takes effect without reinstalling.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args, get_origin, get_type_hints
+
+import pydantic
+from pydantic import AfterValidator, Field
 
 from foleyserve.config import ConfigError, EngineConfig
 
@@ -24,56 +26,67 @@ PROFILE_SECTIONS = ("engine", "server")
 API_KEY_ENV = "FOLEYSERVE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
+# Field types with their ranges: the dataclass stays lax to build (profiles and flags fill it in
+# steps), and ServerConfig.validate checks every field against these with pydantic.
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _cache_mode(value: str) -> str:
+    if value not in CACHE_MODES and not value.startswith(("redis://", "rediss://")):
+        raise ValueError("not a cache mode")
+    return value
+
 
 @dataclass
 class ServerConfig:
     """How the HTTP service runs. Every field can be set in a profile's ``server:`` section."""
 
     host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port (the chosen one is printed)
+    port: Annotated[Int, Field(ge=0, le=65535)] = 8000  # 0: any free port (the chosen one is printed)
     data_dir: Path = Path("foleyserve-data")  # jobs.sqlite3, uploads/, results/, cache/
-    log_level: str = "info"
+    log_level: Literal[LOG_LEVELS] = "info"  # type: ignore[valid-type]
     # Request limits. Decoding keeps full-resolution frames in memory (about 500 of them for a
     # 15 s clip), so the pixel limit is what bounds a request's host memory, not the upload size.
-    max_upload_mb: float = 200.0
-    max_video_pixels: int = 1920 * 1088
+    max_upload_mb: Annotated[Number, Field(ge=0.001)] = 200.0
+    max_video_pixels: Annotated[Int, Field(ge=1)] = 1920 * 1088
     # Uploads are refused (507) while the data directory has less free space than this, so a
     # filling disk stops new work before it breaks running jobs' result writes.
-    min_free_mb: float = 100.0
-    max_prompt_chars: int = 2000
-    max_steps: int = 1000  # the engine's own range; a profile can cap it (cost grows with steps)
+    min_free_mb: Annotated[Number, Field(ge=0)] = 100.0
+    max_prompt_chars: Annotated[Int, Field(ge=1)] = 2000
+    max_steps: Annotated[Int, Field(ge=1, le=1000)] = 1000  # the engine's own range; a profile can cap it (cost grows with steps)
     # Defaults for fields a request leaves out.
-    default_steps: int = 50
-    default_guidance: float = 4.5
-    default_priority: str = "interactive"
+    default_steps: Annotated[Int, Field(ge=1, le=1000)] = 50
+    default_guidance: Annotated[Number, Field(ge=0, le=100)] = 4.5
+    default_priority: Literal[PRIORITIES] = "interactive"  # type: ignore[valid-type]
     # Batcher (see foleyserve.runtime.batcher.BatcherConfig).
-    max_batch_size: int = 4
-    max_wait_ms: float = 10.0
-    max_queue: int = 64
-    length_bucket: str = "exact"
+    max_batch_size: Annotated[Int, Field(ge=1, le=256)] = 4
+    max_wait_ms: Annotated[Number, Field(ge=0, le=60_000)] = 10.0
+    max_queue: Annotated[Int, Field(ge=1)] = 64
+    length_bucket: Literal[LENGTH_BUCKETS] = "exact"  # type: ignore[valid-type]
     # Feature and result cache: off, memory, disk or redis://host:port/db.
-    cache: str = "disk"
+    cache: Annotated[str, AfterValidator(_cache_mode)] = "disk"
     cache_dir: Path | None = None  # None: <data_dir>/cache
-    cache_max_gb: float = 2.0
-    cache_memory_mb: float = 256.0
+    cache_max_gb: Annotated[Number, Field(ge=0)] = 2.0
+    cache_memory_mb: Annotated[Number, Field(ge=0)] = 256.0
     # Access. The key is better passed through the FOLEYSERVE_API_KEY environment variable than
     # written into a profile.
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    metrics_public: bool = True
+    api_key: Annotated[str, Field(pattern=r"\S")] | None = None
+    cors_origins: list[Annotated[str, Field(min_length=1)]] = field(default_factory=list)
+    metrics_public: Annotated[bool, Field(strict=True)] = True
     # Result retention: finished jobs' files are deleted past this age or when the results
     # together pass this size (oldest first); None disables that limit.
-    retention_hours: float | None = 24.0
-    retention_max_gb: float | None = 10.0
-    retention_interval_s: float = 60.0
+    retention_hours: Annotated[Number, Field(ge=0)] | None = 24.0
+    retention_max_gb: Annotated[Number, Field(ge=0)] | None = 10.0
+    retention_interval_s: Annotated[Number, Field(ge=0.1)] = 60.0
     # On shutdown the running batch may finish within this many seconds; after that it is cut
     # short and re-runs on the next start (its upload is kept).
-    shutdown_grace_s: float = 10.0
+    shutdown_grace_s: Annotated[Number, Field(ge=0)] = 10.0
     # With engine.compile: the clip lengths (seconds) and batch sizes whose denoising step is
     # compiled (and on CUDA captured) before /readyz turns 200, so no user pays a compile.
     # Pair it with length_bucket: second, which keeps every request inside these buckets.
-    warmup_seconds: list[float] = field(default_factory=list)
-    warmup_batch_sizes: list[int] = field(default_factory=lambda: [1])
+    warmup_seconds: list[Annotated[Number, Field(ge=0.64, le=15.04)]] = field(default_factory=list)
+    warmup_batch_sizes: list[Annotated[Int, Field(ge=1, le=256)]] = field(default_factory=lambda: [1])
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -88,44 +101,15 @@ class ServerConfig:
     # -- checks and conversion -------------------------------------------------------------------
 
     def validate(self) -> "ServerConfig":
-        _check_int(self, "port", 0, 65535)  # 0: any free port
-        _check_number(self, "max_upload_mb", 0.001, None)
-        _check_int(self, "max_video_pixels", 1, None)
-        _check_number(self, "min_free_mb", 0.0, None)
-        _check_int(self, "max_prompt_chars", 1, None)
-        _check_int(self, "max_steps", 1, 1000)
-        _check_int(self, "default_steps", 1, self.max_steps if isinstance(self.max_steps, int) else 1000)
-        _check_number(self, "default_guidance", 0.0, 100.0)
-        _check_choice(self, "default_priority", PRIORITIES)
-        _check_choice(self, "log_level", LOG_LEVELS)
-        _check_int(self, "max_batch_size", 1, 256)
-        _check_number(self, "max_wait_ms", 0.0, 60_000.0)
-        _check_int(self, "max_queue", 1, None)
-        _check_choice(self, "length_bucket", LENGTH_BUCKETS)
-        if not isinstance(self.cache, str) or not (self.cache in CACHE_MODES or self.cache.startswith(("redis://", "rediss://"))):
-            raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)} or a redis://host:port/db URL, got {self.cache!r}")
-        _check_number(self, "cache_max_gb", 0.0, None)
-        _check_number(self, "cache_memory_mb", 0.0, None)
-        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
-            raise ConfigError("api_key must be a non-empty string, or null for no authentication")
-        if not isinstance(self.cors_origins, list) or not all(isinstance(o, str) and o for o in self.cors_origins):
-            raise ConfigError(f"cors_origins must be a list of origins like 'https://example.com', got {self.cors_origins!r}")
-        if not isinstance(self.metrics_public, bool):
-            raise ConfigError(f"metrics_public must be true or false, got {self.metrics_public!r}")
-        if self.retention_hours is not None:
-            _check_number(self, "retention_hours", 0.0, None)
-        if self.retention_max_gb is not None:
-            _check_number(self, "retention_max_gb", 0.0, None)
-        _check_number(self, "retention_interval_s", 0.1, None)
-        _check_number(self, "shutdown_grace_s", 0.0, None)
-        if not isinstance(self.warmup_seconds, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and 0.64 <= x <= 15.04 for x in self.warmup_seconds
-        ):
-            raise ConfigError(f"warmup_seconds must be a list of clip lengths between 0.64 and 15.04 s, got {self.warmup_seconds!r}")
-        if not isinstance(self.warmup_batch_sizes, list) or not all(
-            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 256 for b in self.warmup_batch_sizes
-        ):
-            raise ConfigError(f"warmup_batch_sizes must be a list of whole numbers 1-256, got {self.warmup_batch_sizes!r}")
+        """Check every field (types and ranges, by pydantic) and the one cross-field rule;
+        :class:`ConfigError` names the field, the rule and the value."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        try:
+            _ADAPTER.validate_python(values)
+        except pydantic.ValidationError as e:
+            raise ConfigError(_describe(e, values)) from None
+        if self.default_steps > self.max_steps:
+            raise ConfigError(f"default_steps must be an integer from 1 to {self.max_steps}, got {self.default_steps!r}")
         return self
 
     @classmethod
@@ -153,38 +137,51 @@ class ServerConfig:
         return d
 
 
-def _bad(name: str, want: str, value: Any) -> ConfigError:
-    return ConfigError(f"{name} must be {want}, got {value!r}")
+_ADAPTER = pydantic.TypeAdapter(ServerConfig)
+
+# Rules pydantic's own wording would not make plain.
+_SPECIAL_RULES = {
+    "cache": f"one of {', '.join(CACHE_MODES)} or a redis://host:port/db URL",
+    "api_key": "a non-empty string, or null for no authentication",
+    "cors_origins": "a list of origins like 'https://example.com'",
+    "metrics_public": "true or false",
+    "warmup_seconds": "a list of clip lengths between 0.64 and 15.04 s",
+    "warmup_batch_sizes": "a list of whole numbers 1-256",
+}
 
 
-def _range_text(lo: float | None, hi: float | None) -> str:
+def _rule(hint: Any) -> str:
+    """'an integer from 1 to 256', 'a number >= 0.001', 'one of a, b' from a field's type."""
+    args = get_args(hint)
+    if get_origin(hint) is Literal:
+        return f"one of {', '.join(map(str, args[0] if len(args) == 1 and isinstance(args[0], tuple) else args))}"
+    if get_origin(hint) is not Annotated:
+        members = [a for a in args if a is not type(None)]
+        return _rule(members[0]) if members else "valid"
+    base, *meta = args
+    while get_origin(base) is Annotated:
+        base, *more = get_args(base)
+        meta = [*more, *meta]
+    lo = hi = None
+    for m in meta:
+        for c in getattr(m, "metadata", [m]):
+            lo = getattr(c, "ge", lo)
+            hi = getattr(c, "le", hi)
+    noun = "an integer" if base is int else "a number" if base is float else "valid"
     if lo is not None and hi is not None:
-        return f"from {lo:g} to {hi:g}"
-    return f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+        return f"{noun} from {lo:g} to {hi:g}"
+    return f"{noun} >= {lo:g}" if lo is not None else f"{noun} <= {hi:g}" if hi is not None else noun
 
 
-def _check_int(cfg: ServerConfig, name: str, lo: int | None, hi: int | None) -> None:
-    value = getattr(cfg, name)
-    want = f"an integer {_range_text(lo, hi)}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, want, value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(name, want, value)
+_RULES = {name: _SPECIAL_RULES.get(name) or _rule(hint) for name, hint in get_type_hints(ServerConfig, include_extras=True).items()}
 
 
-def _check_number(cfg: ServerConfig, name: str, lo: float | None, hi: float | None) -> None:
-    value = getattr(cfg, name)
-    want = f"a number {_range_text(lo, hi)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, want, value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(name, want, value)
-
-
-def _check_choice(cfg: ServerConfig, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+def _describe(error: pydantic.ValidationError, values: Mapping[str, Any]) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        name = str(item["loc"][0]) if item["loc"] else "value"
+        parts.append(f"{name} must be {_RULES.get(name, 'valid')}, got {values.get(name, item.get('input'))!r}")
+    return "; ".join(dict.fromkeys(parts))
 
 
 # -------------------------------------------------------------------------------------- profiles
