@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from foleyserve.config import EngineConfig
 from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT, RequestError
 from foleyserve.server.admission import CLIENT_ID_HEADER, admission_refusal, client_id, key_refusal, storage_refusal
+from foleyserve.server.docs import mount_docs
 from foleyserve.server.errors import (
     MAX_SEED, MAX_WAIT_S, ApiError, add_error_handlers, error_response, param_rules, submit_error, validation_message,
 )
@@ -85,7 +86,11 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         ),
         version=_version(),
         lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN (blank offline); ours ship them.
+        docs_url=None,
+        redoc_url=None,
     )
+    mount_docs(app)
     app.state.service = service
     app.add_middleware(
         AdmissionGate, limit=config.max_upload_bytes + FORM_OVERHEAD_BYTES + 8 * config.max_prompt_chars,
