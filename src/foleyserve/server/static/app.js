@@ -483,8 +483,17 @@ function statusLine(job) {
   }
 }
 
+const NO_RESULT = {
+  failed: "No result: the job failed; the reason is shown beside the Generate button.",
+  cancelled: "No result: the job was cancelled.",
+};
+
 function renderProgress(job) {
-  el.jobEmpty.hidden = true;
+  // The progress itself is in the form's dock; this panel says where the result will be.
+  el.jobEmpty.hidden = job.status === "succeeded";
+  el.jobEmpty.textContent = FINAL.has(job.status)
+    ? NO_RESULT[job.status] || ""
+    : "The result will appear here when the job is done.";
   el.progressPanel.hidden = false;
   el.progressPanel.dataset.status = job.status;
   el.status.textContent = statusLine(job);
