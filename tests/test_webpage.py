@@ -594,9 +594,8 @@ def test_client_id_is_stable_and_sent(server: LiveServer, page: Page) -> None:
     assert ids and set(ids) == {stored}, ids
 
 
-# Needs the server side of issue 10 (jobs record the X-Client-Id they were sent with, and
-# GET /v1/generations lists only the caller's); until that lands this test fails.
-@pytest.mark.xfail(reason="needs the server's X-Client-Id filter on GET /v1/generations (issue 10)", strict=False)
+# The server records the X-Client-Id a job was sent with and GET /v1/generations lists only the
+# caller's jobs; two browsers with their own ids each see their own.
 def test_recent_jobs_are_only_this_browsers(server: LiveServer, browser: Browser) -> None:
     with open(sample_clip_path(), "rb") as f:
         clip = f.read()
