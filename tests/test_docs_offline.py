@@ -102,8 +102,7 @@ def test_package_data_ships_the_docs_assets() -> None:
         str(f.relative_to(package)) for f in STATIC.rglob("*")
         if f.is_file() and not any(_glob_matches(f.relative_to(package).as_posix(), g) for g in globs)
     ]
-    if missing:
-        pytest.xfail(f"pyproject's package-data needs 'server/static/**/*' to ship {missing[:3]}...")
+    assert not missing, f"pyproject's package-data does not ship {missing}; add a glob such as 'server/static/**/*'"
 
 
 def _glob_matches(path: str, pattern: str) -> bool:
@@ -113,10 +112,8 @@ def _glob_matches(path: str, pattern: str) -> bool:
 
 
 def test_create_app_serves_offline_docs(tmp_path: Path, engine) -> None:  # noqa: F811
-    # Turns green once create_app builds FastAPI(docs_url=None, redoc_url=None) and calls mount_docs.
     app = make_app(tmp_path, engine)
-    if not wired(app):
-        pytest.xfail("create_app does not call mount_docs yet")
+    assert wired(app), "create_app must call mount_docs (and build FastAPI with docs_url=None, redoc_url=None)"
     client = TestClient(app)
     assert "/static/docs/swagger-ui/swagger-ui-bundle.js" in client.get("/docs").text
     assert "/static/docs/redoc/redoc.standalone.js" in client.get("/redoc").text
@@ -131,10 +128,7 @@ needs_browser = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:  # noqa: F811
-    app = make_app(tmp_path_factory.mktemp("docs-data"), engine, api_key="docs-stay-public")
-    if not wired(app):
-        docs.mount_docs(app)  # until create_app does it itself
-    live = LiveServer(app)
+    live = LiveServer(make_app(tmp_path_factory.mktemp("docs-data"), engine, api_key="docs-stay-public"))
     live.start()
     yield live
     live.stop()
