@@ -615,3 +615,25 @@ def test_recent_jobs_are_only_this_browsers(server: LiveServer, browser: Browser
             assert page.locator(f"[data-testid=recent-job][data-job-id='{hidden.json()['id']}']").count() == 0
         finally:
             context.close()
+
+
+def test_info_asked_again_while_the_model_loads(server: LiveServer, page: Page) -> None:
+    # Only a loaded server knows whether it runs the demo model, so the page asks again.
+    answers = [
+        {"ready": False, "engine": None, "limits": {"steps": [1, 50]}, "defaults": {"steps": 25}, "demo": False},
+        {"ready": True, "engine": {"model": "demo (random weights)"}, "limits": {"steps": [1, 50]}, "defaults": {"steps": 25}},
+    ]
+    asked: list[int] = []
+
+    def info(route) -> None:
+        asked.append(1)
+        body = answers[min(len(asked), len(answers)) - 1]
+        route.fulfill(content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/info", info)
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    assert page.locator("[data-testid=demo-banner]").is_hidden()
+    # No demo flag in the second answer: the model's name tells.
+    page.locator("[data-testid=demo-banner]").wait_for(state="visible", timeout=15_000)
+    assert len(asked) == 2

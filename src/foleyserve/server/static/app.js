@@ -5,7 +5,7 @@
 const API = "v1/generations"; // relative: the page keeps working behind a proxy sub-path
 const INFO = "v1/info";
 const POLL_MS = 500;
-const INFO_RETRY_MS = 3000;
+const INFO_RETRY_MS = [3000, 30000]; // first and longest wait before asking a loading server again
 const RECENT_LIMIT = 20;
 const KEY_STORAGE = "foleyserve.apiKey";
 const CLIENT_STORAGE = "foleyserve.clientId";
@@ -999,7 +999,7 @@ for (const input of [el.steps, el.guidance, el.negative, el.output]) {
 
 // Resolves to "ok", "unauthorized" or "failed"; a server that is still loading its model is asked
 // again later, since only then does it know what model (demo or not) it runs.
-async function loadInfo() {
+async function loadInfo(retryMs = INFO_RETRY_MS[0]) {
   let info;
   try {
     info = await (await api(INFO)).json();
@@ -1010,7 +1010,8 @@ async function loadInfo() {
     return "failed";
   }
   applyInfo(info);
-  if (info.ready === false) setTimeout(() => loadInfo(), INFO_RETRY_MS);
+  // Backing off: a model that failed to load never turns ready.
+  if (info.ready === false) setTimeout(() => loadInfo(Math.min(retryMs * 2, INFO_RETRY_MS[1])), retryMs);
   return "ok";
 }
 
