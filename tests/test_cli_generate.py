@@ -20,10 +20,10 @@ import torch
 
 import foleyserve
 from foleyserve.cli import main
-from foleyserve.pipeline.demo import sample_clip_path
+from foleyserve.pipeline.demo import DEMO_STEPS, demo_precision, demo_tokenizer, sample_clip_path
 
 FAST = ["--demo", "--steps", "2"]
-HF_HINT = "huggingface-cli download"
+HF_HINT = "hf download tencent/HunyuanVideo-Foley --local-dir"
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -131,22 +131,6 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def csv_run(clips, tmp_path_factory):
-    """One CSV batch (good row, missing video, non-video), run twice; both results kept."""
-    d = tmp_path_factory.mktemp("batch")
-    jobs = d / "jobs.csv"
-    jobs.write_text(
-        "video,prompt,negative_prompt,seed\n"
-        f"{clips['tiny']},footsteps on gravel,,3\n"
-        "missing.mp4,rain on a tin roof,,\n"
-        f"{clips['not_video']},\"wind, howling\",noisy,\n"
-    )
-    out_dir = d / "out"
-    argv = ["generate", "--csv", jobs, "--out-dir", out_dir, *FAST]
-    return jobs, out_dir, argv
-
-
 # -------------------------------------------------------------------------- inputs that work
 
 
@@ -196,7 +180,7 @@ def test_missing_video(tmp_path, capsys):
 def test_text_file_named_mp4(clips, tmp_path, capsys):
     code, _, err = run(capsys, "generate", clips["not_video"], *FAST, "--out", tmp_path / "x.wav")
     line = error_line(code, err)
-    assert "notes.mp4" in line and "not a video file" in line and "MP4" in line
+    assert "notes.mp4" in line and "not a video" in line and "MP4" in line
     assert not (tmp_path / "x.wav").exists()
 
 
@@ -283,7 +267,9 @@ def model_args(clips, tmp_path, model_dir: Path) -> list:
 def test_model_folder_does_not_exist(clips, tmp_path, capsys):
     code, _, err = run(capsys, *model_args(clips, tmp_path, tmp_path / "HunyuanVideo-Foley"))
     line = error_line(code, err)
-    assert "does not exist" in line and HF_HINT in line and "tencent/HunyuanVideo-Foley" in line
+    # The download command names the user's own folder, ready to paste.
+    assert "does not exist" in line and f"{HF_HINT} {tmp_path / 'HunyuanVideo-Foley'}" in line
+    assert "MODEL_DIR" not in line and "huggingface-cli" not in line
 
 
 def test_model_folder_is_a_file(clips, tmp_path, capsys):
@@ -321,6 +307,8 @@ def test_damaged_weights_file(clips, tmp_path, capsys):
     for repo in ("siglip2-base-patch16-512", "larger_clap_general"):
         (models / repo).mkdir()
         (models / repo / "config.json").write_text("{}")
+    # A tokenizer the prompt check (before loading) can use; the damaged weights show at load.
+    demo_tokenizer().save_pretrained(models / "larger_clap_general")
     code, _, err = run(capsys, *model_args(clips, tmp_path, models))
     line = error_line(code, err)
     assert "hunyuanvideo_foley.pth" in line and "damaged" in line and HF_HINT in line
@@ -329,67 +317,130 @@ def test_damaged_weights_file(clips, tmp_path, capsys):
 # ------------------------------------------------------------------------------ CSV batches
 
 
-def test_csv_batch_skips_failing_rows_and_resumes(csv_run, capsys):
-    jobs, out_dir, argv = csv_run
-    code, stdout, err = run(capsys, *argv)
-    assert code == 1, err  # some rows failed
-    assert "Traceback" not in err
-    good = out_dir / "0000.mp4"
-    assert f"row 0: wrote {good}" in stdout
-    assert streams(good) == [("video", "h264", None, None), ("audio", "aac", 48000, 2)]
-    failures = [line for line in err.splitlines() if "failed, skipped" in line]
-    assert len(failures) == 2
-    assert failures[0].startswith("row 1:") and "missing.mp4" in failures[0] and "does not exist" in failures[0]
-    assert failures[1].startswith("row 2:") and "not a video file" in failures[1]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["0000.mp4"]  # no partial files left behind
-    assert "1 generated, 0 already done, 2 failed, of 3 rows" in stdout
-
-    mtime = good.stat().st_mtime_ns
-    code, stdout, err = run(capsys, *argv)
-    assert code == 1 and "Traceback" not in err
-    assert good.stat().st_mtime_ns == mtime
-    assert "row 0" not in stdout
-    assert "0 generated, 1 already done, 2 failed, of 3 rows" in stdout
-
-
-@pytest.mark.parametrize(
-    "text, expect",
-    [
-        ("clip,text\nclip.mp4,rain\n", "needs a header with columns video,prompt"),
-        ("clip.mp4,rain\n", "needs a header with columns video,prompt"),
-        ("", "needs a header with columns video,prompt"),
-        ("video,prompt\nclip.mp4,a dog, barking\n", "more fields than the header"),
-    ],
-    ids=["wrong-header", "no-header", "empty", "unquoted-comma"],
-)
-def test_csv_format_errors(text, expect, tmp_path, capsys):
+def test_generate_csv_points_to_batch(tmp_path, capsys):
     jobs = tmp_path / "jobs.csv"
-    jobs.write_text(text)
+    jobs.write_text("video,prompt\nclip.mp4,rain\n")
     code, _, err = run(capsys, "generate", "--csv", jobs, "--out-dir", tmp_path / "out", *FAST)
-    assert expect in error_line(code, err)
+    line = error_line(code, err)
+    assert code == 2 and f"foleyserve batch {jobs} --out-dir DIR" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_csv_usage_errors(tmp_path, capsys):
-    jobs = tmp_path / "jobs.csv"
-    jobs.write_text("video,prompt\nclip.mp4,rain\n")
-    code, _, err = run(capsys, "generate", "--csv", jobs, *FAST)
-    assert "--out-dir" in error_line(code, err)
-    code, _, err = run(capsys, "generate", "--csv", tmp_path / "nope.csv", "--out-dir", tmp_path / "o", *FAST)
-    assert "does not exist" in error_line(code, err)
-    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00video")
-    code, _, err = run(capsys, "generate", "--csv", tmp_path / "bin.csv", "--out-dir", tmp_path / "o", *FAST)
-    assert "not a UTF-8 text CSV" in error_line(code, err)
+# --------------------------------------------------------------- checked before any model loads
 
 
-def test_csv_with_byte_order_mark_and_bad_seed(clips, tmp_path, capsys):
-    # Spreadsheet programs write a UTF-8 BOM; a bad seed fails only its own row, before any work.
-    jobs = tmp_path / "jobs.csv"
-    jobs.write_bytes(b"\xef\xbb\xbfvideo,prompt,seed\n" + f"{clips['tiny']},rain,abc\n".encode())
-    code, stdout, err = run(capsys, "generate", "--csv", jobs, "--out-dir", tmp_path / "out", *FAST)
-    assert code == 1 and "Traceback" not in err
-    assert "row 0: failed, skipped: seed 'abc' is not an integer" in err
-    assert "0 generated, 0 already done, 1 failed, of 1 rows" in stdout
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Records (and refuses) every attempt to build an engine."""
+    from foleyserve.pipeline.pipeline import Engine
+
+    calls = []
+
+    def refuse(cls, *args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(Engine, "from_config", classmethod(refuse))
+    monkeypatch.setattr(Engine, "demo", classmethod(refuse))
+    return calls
+
+
+LONG_PROMPT = "footsteps on gravel " * 60  # about 240 tokens: past the demo CLAP's 128
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--steps", "0"], "steps must be an integer from 1 to 1000"),
+        (["--guidance", "-1"], "guidance must be between 0 and 100"),
+        (["--seed", "-3"], "seed must be a non-negative integer"),
+        (["--keep-original-audio", "0.5"], "mp4 output only"),
+        (["--precision", "fp7"], "unknown precision 'fp7'"),
+        (["--offload", "sequential", "--compile"], "do not combine"),
+        (["--step-cache", "-0.1"], "step_cache must be a threshold >= 0"),
+        (["--prompt", LONG_PROMPT], "positive prompt has"),
+        (["--negative-prompt", LONG_PROMPT], "negative prompt has"),
+    ],
+    ids=["steps", "guidance", "seed", "gain-on-wav", "precision", "compile+sequential", "step-cache", "prompt", "negative"],
+)
+def test_bad_flags_exit_2_before_the_model_loads(extra, expect, clips, tmp_path, capsys, no_loading):
+    code, _, err = run(capsys, "generate", clips["tiny"], *FAST, "--out", tmp_path / "x.wav", *extra)
+    assert code == 2
+    assert expect in error_line(code, err)
+    assert no_loading == []
+
+
+@pytest.mark.parametrize("clip, expect", [("not_video", "not a video"), ("short", "too short"), ("truncated", "truncated")])
+def test_bad_videos_are_refused_before_the_model_loads(clip, expect, clips, tmp_path, capsys, no_loading):
+    code, _, err = run(capsys, "generate", clips[clip], *FAST, "--out", tmp_path / "x.wav")
+    assert code == 2 and expect in error_line(code, err)
+    assert no_loading == []
+
+
+def test_prompt_over_the_limit_is_one_line_with_the_counts(clips, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", clips["tiny"], *FAST, "--out", tmp_path / "x.wav", "--prompt", LONG_PROMPT)
+    line = error_line(code, err)
+    assert code == 2 and "CLAP accepts at most 128" in line and "shorten it" in line
+    assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.parametrize("magic, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(40), "PNG"), (b"\xff\xd8\xff\xe0" + bytes(40), "JPEG")])
+def test_an_image_is_not_a_video(magic, kind, tmp_path, capsys, no_loading):
+    image = tmp_path / f"frame.{kind.lower()}"
+    image.write_bytes(magic)
+    code, _, err = run(capsys, "generate", image, *FAST, "--out", tmp_path / "x.wav")
+    line = error_line(code, err)
+    assert f"is a {kind} image, not a video" in line
+    assert no_loading == []
+
+
+def test_pixel_budget(clips):
+    from foleyserve.media import MediaError
+    from foleyserve.preflight import check_video
+
+    with pytest.raises(MediaError, match=r"64x48"):
+        check_video(clips["tiny"], max_pixels=100)
+    assert check_video(clips["tiny"]).width == 64
+
+
+def test_unreadable_video(clips, tmp_path, capsys, no_loading):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    locked = tmp_path / "locked.mp4"
+    locked.write_bytes(clips["tiny"].read_bytes())
+    locked.chmod(0)
+    code, _, err = run(capsys, "generate", locked, *FAST, "--out", tmp_path / "x.wav")
+    assert "not readable" in error_line(code, err)
+
+
+# ------------------------------------------------------------------------------------ the demo
+
+
+def test_demo_help_states_its_real_step_count(capsys):
+    with pytest.raises(SystemExit):
+        from foleyserve.cli import build_parser
+
+        build_parser().parse_args(["demo", "--help"])
+    assert f"(default {DEMO_STEPS})" in capsys.readouterr().out
+
+
+def test_demo_says_its_precision_and_writes_a_sane_level(tmp_path, capsys):
+    out = tmp_path / "demo.wav"
+    code, _, err = run(capsys, "demo", "--out", out, "--steps", "2")
+    assert code == 0, err
+    precision, why = demo_precision("cpu")
+    assert f"precision: {precision} ({why})" in err
+    with av.open(str(out)) as f:
+        audio = np.concatenate([frame.to_ndarray() for frame in f.decode(audio=0)], axis=-1)
+    peak, rms = float(np.abs(audio).max()), float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+    assert peak < 0.9 and float(np.mean(np.abs(audio) > 0.99)) == 0.0  # no clipping
+    assert 10 ** (-35 / 20) < rms < 10 ** (-15 / 20)  # about -23 dBFS
+
+
+def test_demo_precision_rule():
+    assert demo_precision("cpu", cpu_flags={"avx2", "avx512f"})[0] == "fp32"
+    assert demo_precision("cpu", cpu_flags={"avx512_bf16"}) == ("bf16", "this CPU has avx512_bf16")
+    assert demo_precision("cpu", cpu_flags={"amx_bf16", "amx_tile"}) == ("bf16", "this CPU has amx_bf16")
 
 
 # ------------------------------------------------------------------------- as a real process

@@ -23,12 +23,9 @@ OFFLOAD_MODES: tuple[str, ...] = get_args(OffloadMode)
 MODEL_SIZES: tuple[str, ...] = get_args(ModelSize)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
-# Limits of what one local run may decode. The decoder keeps every sampled frame at full
-# resolution in host memory (8 + 25 per second of the first 15 s), so pixels x seconds is what
-# bounds a run's memory; the CLI checks a video's header against these before any model loads.
-MAX_VIDEO_PIXELS = 4096 * 2304  # per frame: 4K UHD and DCI 4K fit
-DECODE_FPS = (8, 25)
-HOST_MEMORY_SHARE = 0.8  # of the memory available when the run starts, for the decoded frames
+# Pixels per frame one local run decodes (the server has its own max_video_pixels). Decoding
+# converts one full-resolution frame at a time, so this bounds a run's host memory; 4K fits.
+MAX_VIDEO_PIXELS = 4096 * 2304
 
 
 class ConfigError(ValueError):

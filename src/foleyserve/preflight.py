@@ -6,19 +6,17 @@
   :func:`foleyserve.models.encoders.encode_prompts` does and raises the same
   :class:`~foleyserve.models.encoders.PromptTooLongError`.
 * Videos: :func:`check_video` reads the header (one frame decoded, nothing more), says when the
-  file is a still image, and checks the decode budget: the decoder keeps every sampled frame at
-  full resolution in host memory, so width x height x seconds is bounded.
+  file is a still image (or a web page...), and checks the request budget (pixels per frame).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from foleyserve import media
-from foleyserve.config import DECODE_FPS, HOST_MEMORY_SHARE, MAX_VIDEO_PIXELS
+from foleyserve.config import MAX_VIDEO_PIXELS
 from foleyserve.models.encoders import PromptTooLongError
 
 if TYPE_CHECKING:
@@ -28,18 +26,12 @@ if TYPE_CHECKING:
 _CLAP_POSITIONS = 514
 _CLAP_PAD_ID = 1
 
-# First bytes of still-image formats that people pass by mistake (a thumbnail, a frame grab).
-_IMAGE_MAGIC: Sequence[tuple[bytes, int, str]] = (
-    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
-    (b"\xff\xd8\xff", 0, "JPEG"),
-    (b"GIF87a", 0, "GIF"),
-    (b"GIF89a", 0, "GIF"),
-    (b"BM", 0, "BMP"),
-    (b"II*\x00", 0, "TIFF"),
-    (b"MM\x00*", 0, "TIFF"),
-    (b"WEBP", 8, "WebP"),
+# Fallback sniffing for a media module without describe_non_video: still images people pass by
+# mistake (a thumbnail, a frame grab), named as media names them.
+_IMAGE_MAGIC: Sequence[tuple[bytes, str]] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
 )
-_IMAGE_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
 
 
 def token_limit(text_config: Any) -> int:
@@ -100,76 +92,49 @@ class PromptChecker:
         check_prompts(self.tokenizer, self.limit, prompt, negative_prompt)
 
 
-def image_kind(head: bytes) -> str | None:
-    """The still-image format the first bytes of a file announce (PNG, JPEG, ...), if any."""
+def describe_non_video(head: bytes) -> str | None:
+    """What a file obviously is when it is not a video ("a PNG image"), from its first bytes."""
     describe = getattr(media, "describe_non_video", None)
     if describe is not None:  # media's own sniffing, where it has it
-        found = describe(head)
-        if found:
-            return str(found)
-    for magic, offset, name in _IMAGE_MAGIC:
-        if head[offset : offset + len(magic)] == magic and (name != "WebP" or head.startswith(b"RIFF")):
-            return name
-    if head[4:8] == b"ftyp" and head[8:12] in _IMAGE_BRANDS:
-        return _IMAGE_BRANDS[head[8:12]]
+        return describe(head)
+    for magic, what in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
     return None
 
 
-def decode_bytes(info: media.VideoInfo, max_seconds: float = media.MAX_SECONDS) -> int:
-    """Host bytes the decoder's frame buffers take for this video (RGB uint8 at every rate)."""
-    span = min(info.duration or max_seconds, max_seconds)
-    frames = sum(int(math.ceil(span * fps)) + 2 for fps in DECODE_FPS)
-    return frames * info.width * info.height * 3
+def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> media.VideoInfo:
+    """Probe ``path`` (header and one frame) and check it is a video within the request budget.
 
-
-def available_memory() -> int | None:
-    """Bytes of host memory available now (None where psutil cannot tell)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - any failure just means "unknown"; the budget check then skips memory
-        return None
-
-
-def check_video(
-    path: str | Path,
-    *,
-    max_pixels: int = MAX_VIDEO_PIXELS,
-    memory: int | None = None,
-) -> media.VideoInfo:
-    """Probe ``path`` (header and one frame) and check it is a video within the decode budget.
-
-    Raises :class:`~foleyserve.media.MediaError` with what is wrong and what to do. ``memory``
-    is the host memory the decode may use (default: a share of what is available now).
+    Raises :class:`~foleyserve.media.MediaError` with what is wrong and what to do: an image or
+    other non-video, a clip clearly shorter than one Synchformer window, frames over ``max_pixels``.
     """
     p = Path(path)
     if p.is_file():
         try:
             with open(p, "rb") as fh:
-                head = fh.read(64)
+                head = fh.read(512)
         except OSError as e:
             raise media.MediaError(f"cannot read {p}: {e.strerror}; check its permissions") from None
-        kind = image_kind(head)
-        if kind is not None:
-            raise media.MediaError(
-                f"{p} is an image ({kind}), not a video; HunyuanVideo-Foley needs a video clip (at least 0.64 s)"
-            )
+        what = describe_non_video(head)
+        if what is not None:
+            raise media.MediaError(f"{p} is {what}, not a video; pass a video file such as MP4 (H.264), MOV, MKV or WebM")
     info = media.probe(p)
-    pixels = info.width * info.height
-    if pixels > max_pixels:
+    if info.duration is not None:
+        # The exact count comes from decoding; refuse here only what is clearly too short, so a
+        # clip at the boundary is left to the decoder's exact rule.
+        frames = int(info.duration * media.SYNC_FPS + 0.5)
+        if frames + 1 < media.MIN_SYNC_FRAMES:
+            media.check_min_frames(frames)
+    budget = getattr(media, "check_budget", None)
+    if budget is not None:
+        # No duration limit: decoding reads at most the first 15 s of any video.
+        budget(info, max_pixels=max_pixels, max_seconds=None)
+    elif info.width * info.height > max_pixels:
         raise media.MediaError(
-            f"{p} is {info.width}x{info.height} ({pixels / 1e6:.1f} MP per frame), more than the "
-            f"{max_pixels / 1e6:.1f} MP this run decodes; scale it down (the model sees 512x512 and 224x224 frames anyway)"
-        )
-    budget = memory if memory is not None else available_memory()
-    if budget is not None and memory is None:
-        budget = int(budget * HOST_MEMORY_SHARE)
-    need = decode_bytes(info)
-    if budget is not None and need > budget:
-        raise media.MediaError(
-            f"decoding {p} ({info.width}x{info.height}, the first {min(info.duration or media.MAX_SECONDS, media.MAX_SECONDS):.1f} s) "
-            f"needs about {need / 2**30:.1f} GiB of memory and {budget / 2**30:.1f} GiB is free; "
-            f"scale the video down or free memory"
+            f"{p} is {info.width}x{info.height} ({info.width * info.height / 1e6:.1f} MP per frame), more than "
+            f"{max_pixels / 1e6:.1f} MP per frame; scale it down (the model sees 512x512 and 224x224 frames anyway)"
         )
     return info
