@@ -74,7 +74,7 @@ const state = {
   uploading: false,
   submitted: new Map(), // job id -> the seed string this page sent
   limits: { ...FALLBACK_LIMITS },
-  info: null, // the promise of the first /v1/info answer (null once it has failed for good)
+  info: null, // the promise of the latest /v1/info answer, which a submit waits for
   touched: new Set(), // fields the user has edited, which the server's defaults must not overwrite
 };
 
@@ -119,7 +119,7 @@ const CLIENT_ID = (() => {
   }
 })();
 
-function authHeaders() {
+function requestHeaders() {
   const key = apiKey();
   const headers = { "X-Client-Id": CLIENT_ID };
   if (key) headers.Authorization = `Bearer ${key}`;
@@ -155,7 +155,7 @@ async function errorFromResponse(response) {
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    response = await fetch(path, { ...options, headers: { ...requestHeaders(), ...(options.headers || {}) } });
   } catch (e) {
     throw new ApiError(0, "network", `cannot reach the server (${e.message}); check that it is running`);
   }
@@ -172,7 +172,7 @@ function uploadJob(formData, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", API);
-    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
+    for (const [name, value] of Object.entries(requestHeaders())) xhr.setRequestHeader(name, value);
     xhr.responseType = "text";
     xhr.upload.addEventListener("progress", (e) => {
       if (e.lengthComputable) onProgress(e.loaded / e.total);
