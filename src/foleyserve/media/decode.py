@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import av
 import numpy as np
 import torch
 
@@ -71,6 +73,19 @@ def _preprocessors(rates: list[int | float], preprocess: bool) -> dict[int | flo
     return {r: table.get(r) for r in rates}
 
 
+def _frame_time(frame: av.VideoFrame, origin: Fraction) -> float | None:
+    """Seconds since ``origin``. At origin 0 this is PyAV's ``frame.time`` (what the official uses);
+    otherwise the shift is done on the integer timestamp, so a TS clip's frames get the same float
+    times as the clip remuxed to start at 0 (subtracting floats would put some a hair early)."""
+    if frame.pts is None or not origin:
+        return frame.time
+    tb = frame.time_base
+    ticks = frame.pts - origin / tb
+    if ticks.denominator == 1:
+        return float(int(ticks)) * tb.numerator / tb.denominator  # PyAV's formula for frame.time
+    return float(ticks * tb)
+
+
 def decode_frames(
     source: VideoSource,
     *,
@@ -113,7 +128,7 @@ def decode_frames(
         hit_limit = False
         n_decoded = 0
         for frame in _frames(container, stream, errors):
-            t = frame.time - origin if frame.time is not None else None
+            t = _frame_time(frame, origin)
             if t is None:  # no timestamp at all: assume the nominal spacing after the previous frame
                 t = (prev_time + 1 / info.fps) if (prev_time is not None and info.fps) else 0.0
             prev_time = t

@@ -13,7 +13,9 @@ import av
 import numpy as np
 import torch
 
-from foleyserve.media.source import SAMPLE_RATE, MediaError, VideoSource, _frames, _label, _open, _video_stream
+from foleyserve.media.source import (
+    SAMPLE_RATE, MediaError, VideoSource, _frames, _label, _open, _video_stream, time_origin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def _foley_stereo(waveform: Waveform, sample_rate: int) -> np.ndarray:
     return out
 
 
-def _original_audio(container: av.container.InputContainer, video_start: float) -> np.ndarray | None:
+def _original_audio(container: av.container.InputContainer, origin: Fraction) -> np.ndarray | None:
     if not container.streams.audio:
         return None
     audio = container.streams.audio[0]
@@ -188,8 +190,8 @@ def _original_audio(container: av.container.InputContainer, video_start: float) 
     samples, start = _resample_48k(frames(), "mono" if mono else "stereo")
     if mono:
         samples = np.concatenate([samples, samples])
-    # Place the track on the video's clock (an audio track may start before or after the video).
-    offset = int(round(((start or 0.0) - video_start) * SAMPLE_RATE))
+    # Place the track on the output's clock, which starts at ``origin`` (the Foley's sample 0).
+    offset = int(round(((start or 0.0) - float(origin)) * SAMPLE_RATE))
     if offset > 0:
         samples = np.concatenate([np.zeros((2, offset), np.float32), samples], axis=1)
     elif offset < 0:
@@ -227,8 +229,7 @@ def mux(
     if keep_original_audio_gain is not None:
         with _open(video) as container:
             vin = _video_stream(container, label)
-            video_start = float(vin.start_time * vin.time_base) if vin.start_time is not None else 0.0
-            orig = _original_audio(container, video_start)
+            orig = _original_audio(container, time_origin(container))
         if orig is None or orig.shape[1] == 0:
             notes.append(f"{label} has no audio track to keep; the output has the Foley only")
         else:
@@ -259,10 +260,13 @@ def mux(
                 aout.bit_rate = _parse_bitrate(bitrate)
                 audio_packets = list(aout.encode(_audio_frame(foley, "fltp", SAMPLE_RATE)))
                 audio_packets += list(aout.encode(None))
+                # decode_frames measures time from the container's start, so the Foley's sample 0
+                # is there: move the video by as much (the ffmpeg CLI does the same by default).
+                shift = _shift_ticks(time_origin(container), vin.time_base)
                 if copied:
-                    video_packets = _copy_packets(container, vin, vout)
+                    video_packets = _copy_packets(container, vin, vout, shift)
                 else:
-                    video_packets = _reencode_packets(container, vin, vout, notes)
+                    video_packets = _reencode_packets(container, vin, vout, notes, shift)
                 _interleave(out, video_packets, audio_packets)
         except (OSError, av.error.FFmpegError) as e:
             _remove_partial(out_path)
@@ -280,10 +284,22 @@ def _packet_time(p: av.Packet) -> float:
     return float(ts * p.time_base) if ts is not None and p.time_base is not None else 0.0
 
 
-def _copy_packets(container: av.container.InputContainer, vin: av.VideoStream, vout: av.VideoStream) -> Iterator[av.Packet]:
+def _shift_ticks(origin: Fraction, time_base: Fraction | None) -> int:
+    """``origin`` seconds in a stream's time base (0 when there is nothing to shift)."""
+    if not origin or time_base is None:
+        return 0
+    return int(round(origin / Fraction(time_base)))
+
+
+def _copy_packets(container: av.container.InputContainer, vin: av.VideoStream, vout: av.VideoStream, shift: int = 0) -> Iterator[av.Packet]:
     for packet in container.demux(vin):
         if packet.dts is None and packet.pts is None:  # the demuxer's end-of-stream marker
             continue
+        if shift:
+            if packet.pts is not None:
+                packet.pts -= shift
+            if packet.dts is not None:
+                packet.dts -= shift
         packet.stream = vout
         yield packet
 
@@ -301,12 +317,12 @@ def _h264_stream(out: av.container.OutputContainer, vin: av.VideoStream) -> av.V
 
 
 def _reencode_packets(
-    container: av.container.InputContainer, vin: av.VideoStream, vout: av.VideoStream, notes: list[str]
+    container: av.container.InputContainer, vin: av.VideoStream, vout: av.VideoStream, notes: list[str], shift: int = 0
 ) -> Iterator[av.Packet]:
     errors: list[str] = []
     last_pts = None
     for frame in _frames(container, vin, errors):
-        pts = frame.pts
+        pts = frame.pts - shift if frame.pts is not None else None
         if pts is None or (last_pts is not None and pts <= last_pts):
             pts = (last_pts + 1) if last_pts is not None else 0
         last_pts = pts

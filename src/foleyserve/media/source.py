@@ -142,15 +142,15 @@ def _still_image_kind(container: av.container.InputContainer, head: bytes) -> st
     return f"a still image ({container.format.name.removesuffix('_pipe')})"
 
 
-def time_origin(container: av.container.InputContainer) -> float:
-    """Seconds to subtract from timestamps: the container's start time when positive.
+def time_origin(container: av.container.InputContainer) -> Fraction:
+    """Seconds to subtract from timestamps (exact): the container's start time when positive.
 
     MPEG-TS/PS streams start wherever the muxer's clock was (1.4 s for the ffmpeg CLI's defaults);
     the ffmpeg CLI shifts them to 0 when it muxes the official's output, so frame times are measured
     from there. Negative starts (B-frame delay without an edit list) are left alone: frames before 0
     are skipped, as in the official."""
     start = container.start_time
-    return start / av.time_base if start is not None and start > 0 else 0.0
+    return Fraction(start, av.time_base) if start is not None and start > 0 else Fraction(0)
 
 
 def _open(source: VideoSource) -> av.container.InputContainer:
