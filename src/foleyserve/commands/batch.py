@@ -35,6 +35,7 @@ from foleyserve.cli import (
     check_before_loading,
     engine_config_from_args,
     load_engine,
+    missing_modules,
 )
 
 if TYPE_CHECKING:
@@ -305,6 +306,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
     if args.cache not in (None, "off", "memory", "disk") and not str(args.cache).startswith(("redis://", "rediss://")):
         raise UsageError(f"--cache {args.cache}: use off, memory, disk or redis://HOST:PORT/DB")
+    if args.cache not in (None, "off"):
+        # runtime.cache imports both at the top, whichever backend is asked for.
+        missing = missing_modules(("diskcache", "redis"))
+        if missing:
+            raise UsageError(f"--cache {args.cache} needs the serve extra (missing: {', '.join(missing)}); run: {SERVE_EXTRA}")
     rows = read_jobs(args.csv)
     _check_writable(args.out_dir / "probe")
     config = engine_config_from_args(args)
