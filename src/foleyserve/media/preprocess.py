@@ -45,8 +45,8 @@ class _Pass(NamedTuple):
     block: int
     starts: tuple[int, ...]
     stops: tuple[int, ...]
-    right: tuple[torch.Tensor, ...]  # float32 [L_b, 2B]: high parts, then low parts (x @ w)
-    left: tuple[torch.Tensor, ...]  # the same transposed, [2B, L_b] (w @ x)
+    right: tuple[np.ndarray, ...]  # float32 [L_b, 2B]: high parts, then low parts (x @ w)
+    left: tuple[np.ndarray, ...]  # the same transposed, [2B, L_b] (w @ x)
 
 
 @functools.lru_cache(maxsize=32)
@@ -85,45 +85,49 @@ def _pass_weights(in_size: int, out_size: int) -> _Pass:
         split = np.concatenate([dense >> _LOW_BITS, dense & ((1 << _LOW_BITS) - 1)], axis=1).astype(np.float32)
         starts.append(lo)
         stops.append(hi)
-        right.append(torch.from_numpy(split))
-        left.append(torch.from_numpy(np.ascontiguousarray(split.T)))
+        right.append(split)
+        left.append(np.ascontiguousarray(split.T))
     return _Pass(out_size, block, tuple(starts), tuple(stops), tuple(right), tuple(left))
 
 
-def _round_clip8(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+def _round_clip8(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """Exact integer sums from their float32 high and low parts -> Pillow's rounded, clipped uint8."""
-    acc = high.to(torch.int32).bitwise_left_shift_(_LOW_BITS).add_(low.to(torch.int32))
+    acc = high.astype(np.int32)
+    acc <<= _LOW_BITS
+    acc += low.astype(np.int32)
     # Pillow starts each sum at half a unit and shifts right: round half up; then clip8.
-    return acc.add_(1 << (_PRECISION_BITS - 1)).bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+    acc += 1 << (_PRECISION_BITS - 1)
+    acc >>= _PRECISION_BITS
+    return np.clip(acc, 0, 255).astype(np.uint8)
 
 
-def _horizontal(x: torch.Tensor, p: _Pass) -> torch.Tensor:
+def _horizontal(x: np.ndarray, p: _Pass) -> np.ndarray:
     """float32 [R, W] -> uint8 [R, w]: the pass along the contiguous axis, as x @ weights."""
-    buf = torch.empty((len(p.right), x.shape[0], 2 * p.block), dtype=torch.float32)
+    buf = np.empty((len(p.right), x.shape[0], 2 * p.block), np.float32)
     for b, (lo, hi, w) in enumerate(zip(p.starts, p.stops, p.right)):
-        torch.mm(x[:, lo:hi], w, out=buf[b])
+        np.matmul(x[:, lo:hi], w, out=buf[b])
     out = _round_clip8(buf[..., : p.block], buf[..., p.block :])  # [nb, R, B]
-    return out.permute(1, 0, 2).reshape(x.shape[0], -1)[:, : p.out_size]
+    return out.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.out_size]
 
 
-def _vertical(x: torch.Tensor, p: _Pass) -> torch.Tensor:
+def _vertical(x: np.ndarray, p: _Pass) -> np.ndarray:
     """float32 [C, H, w] -> uint8 [C, h, w]: the pass along the middle axis, as weights @ x."""
-    buf = torch.empty((len(p.left), x.shape[0], 2 * p.block, x.shape[2]), dtype=torch.float32)
+    buf = np.empty((len(p.left), x.shape[0], 2 * p.block, x.shape[2]), np.float32)
     for b, (lo, hi, w) in enumerate(zip(p.starts, p.stops, p.left)):
-        torch.matmul(w, x[:, lo:hi], out=buf[b])
+        np.matmul(w, x[:, lo:hi], out=buf[b])
     out = _round_clip8(buf[:, :, : p.block], buf[:, :, p.block :])  # [nb, C, B, w]
-    return out.permute(1, 0, 2, 3).reshape(x.shape[0], -1, x.shape[2])[:, : p.out_size]
+    return out.transpose(1, 0, 2, 3).reshape(x.shape[0], -1, x.shape[2])[:, : p.out_size]
 
 
 def _resize_frame(frame: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
     h_in, w_in = frame.shape[:2]
     # Planar [3, H, W]: both passes then read contiguous rows (the uint8 transpose is the cheap one).
-    y = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))
+    y = np.ascontiguousarray(frame.transpose(2, 0, 1))
     if w_out != w_in:
-        y = _horizontal(y.reshape(3 * h_in, w_in).to(torch.float32), _pass_weights(w_in, w_out)).reshape(3, h_in, w_out)
+        y = _horizontal(y.reshape(3 * h_in, w_in).astype(np.float32), _pass_weights(w_in, w_out)).reshape(3, h_in, w_out)
     if h_out != h_in:
-        y = _vertical(y.to(torch.float32), _pass_weights(h_in, h_out))
-    return np.ascontiguousarray(y.numpy().transpose(1, 2, 0))
+        y = _vertical(y.astype(np.float32), _pass_weights(h_in, h_out))
+    return np.ascontiguousarray(y.transpose(1, 2, 0))
 
 
 def pil_bilinear_resize(frames: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
