@@ -159,7 +159,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from foleyserve.pipeline.demo import DEMO_PROMPT, DEMO_STEPS
+    from foleyserve.config import DEMO_PROMPT, DEMO_STEPS
 
     p = sub.add_parser(
         "demo",
@@ -352,6 +352,15 @@ def _request(args: argparse.Namespace, video: Path, out: Path, gain: float | Non
     )
 
 
+def _validate(request: "GenerationRequest") -> None:
+    from foleyserve.pipeline.requests import RequestError
+
+    try:
+        request.validate()
+    except RequestError as err:
+        raise UsageError(str(err)) from None
+
+
 def _run_one(engine: "Engine", request: "GenerationRequest") -> "GenerationResult":
     progress = _Progress()
     try:
@@ -373,8 +382,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_input_file(args.video)
     out = args.out or args.video.with_name(args.video.stem + "_foley.mp4")
     _check_output(out)
-    config = engine_config_from_args(args)
     request = _request(args, args.video, out, gain=args.keep_original_audio)
+    _validate(request)  # first: it needs no model code imported, so a bad flag fails fastest
+    config = engine_config_from_args(args)
     check_before_loading(config, [request])
     result = _run_one(load_engine(config), request)
     print(_summary(result))
@@ -395,6 +405,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     except _generation_errors() as err:
         raise UsageError(str(err)) from None
     request = _request(args, video, args.out)
+    _validate(request)
     check_before_loading(config, [request])
     print("foleyserve demo: tiny random-weight model, the audio is NOISE; use `generate --model-dir` for real Foley", file=sys.stderr)
     result = _run_one(load_engine(config), request)

@@ -28,6 +28,12 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_VIDEO_PIXELS = 4096 * 2304
 
 
+# The demo's defaults live here, not in pipeline/demo.py, so the CLI's help can state them without
+# importing the models (seconds of start-up).
+DEMO_STEPS = 25  # the toy model converges long before the real model's 50
+DEMO_PROMPT = "a ball bouncing on a wooden floor"
+
+
 class ConfigError(ValueError):
     """A profile or option value that cannot be used; the message names the key and the choices."""
 

@@ -15,6 +15,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
+from foleyserve.config import DEMO_PROMPT, DEMO_STEPS  # noqa: F401 (re-exported: the demo's defaults)
 from foleyserve.models.dit import build_dit, tiny_config
 from foleyserve.models.encoders import build_clap_text, build_siglip_vision
 from foleyserve.models.synchformer import build_synchformer_visual
@@ -23,8 +24,6 @@ from foleyserve.pipeline.components import Components
 
 FEATURE_DIM = 32  # width of the toy encoders, and so of the DiT's conditioning inputs
 DEMO_CLAP_POSITIONS = 130  # the toy CLAP's position table: prompts of up to 128 tokens
-DEMO_STEPS = 25  # the toy model converges long before the real model's 50
-DEMO_PROMPT = "a ball bouncing on a wooden floor"
 # The toy decoder's last conv (before its tanh) is scaled by this: at unit scale the tanh saturates
 # and the demo wrote full-scale clipped noise (RMS 0.8, a fifth of the samples at +-1). Measured on
 # the sample clip at 25 steps, 0.035 gives about -23 dBFS RMS and peaks near -8 dBFS, with the tanh
