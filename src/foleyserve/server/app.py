@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from foleyserve.config import EngineConfig
+from foleyserve.pipeline.pipeline import MAX_SECONDS
 from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT, RequestError
 from foleyserve.server.admission import CLIENT_ID_HEADER, admission_refusal, client_id, key_refusal, storage_refusal
 from foleyserve.server.docs import mount_docs
@@ -141,14 +142,16 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
 
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["operations"],
-                   summary="Liveness: the process answers (and how its data directory is)")
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz", response_model=Health, tags=["operations"],
+             summary="Liveness: the process answers (and how its data directory is); HEAD too")
     def healthz() -> dict[str, str]:
         return {"status": "ok", "storage": service.storage.problem() or "ok"}
 
-    @app.api_route(
-        "/readyz", methods=["GET", "HEAD"], response_model=Ready, tags=["operations"],
-        summary="Readiness: the model is loaded and the data directory takes writes",
+    @app.head("/readyz", include_in_schema=False)
+    @app.get(
+        "/readyz", response_model=Ready, tags=["operations"],
+        summary="Readiness: the model is loaded and the data directory takes writes; HEAD too",
         responses={503: {"model": ErrorBody, "description": "Still loading, the model failed to load, or the disk refuses writes"}},
     )
     def readyz() -> Any:
@@ -184,6 +187,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "max_upload_bytes": config.max_upload_bytes, "max_video_pixels": config.max_video_pixels,
                 "max_prompt_chars": config.max_prompt_chars, "steps": [1, config.max_steps], "guidance": [0, 100],
                 "seed": [0, MAX_SEED], "wait_seconds": [0, MAX_WAIT_S], "outputs": list(OUTPUTS),
+                # Seconds of video that get sound; the rest of a longer clip stays silent.
+                "max_video_seconds": MAX_SECONDS,
             },
             "defaults": {
                 "steps": config.default_steps, "guidance": config.default_guidance, "seed": 0,
