@@ -286,3 +286,14 @@ def test_listening_socket_is_tcp_so_connections_get_nodelay() -> None:
         assert flags and flags[0] != 0
     finally:
         sock.close()
+
+
+def test_a_demo_server_runs_the_demo_precision_unless_told_otherwise() -> None:
+    from foleyserve.pipeline.demo import demo_precision
+
+    engine, _ = configs_from_args(parse("--demo"), environ={})
+    assert engine.precision == demo_precision("auto")[0]  # the CLI's demo runs the same one
+    engine, _ = configs_from_args(parse("--demo", "--precision", "fp16"), environ={})
+    assert engine.precision == "fp16"
+    engine, _ = configs_from_args(parse("--demo", "--profile", "cloud"), environ={})
+    assert engine.precision == "fp8"  # the profile names its precision

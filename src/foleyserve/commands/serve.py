@@ -93,6 +93,11 @@ def configs_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
     elif args.demo:
         engine = replace(engine, demo=True, model_dir=None)
     engine = replace(engine, **{field: getattr(args, flag) for flag, field in _ENGINE_FLAGS.items() if getattr(args, flag) is not None})
+    if engine.demo and args.precision is None and not _profile_sets(args.profile, "precision"):
+        # One demo precision everywhere (CLI, library, server), so a seed gives the same audio.
+        from foleyserve.pipeline.demo import demo_precision
+
+        engine = replace(engine, precision=demo_precision(engine.device)[0])
 
     changes = {field: getattr(args, flag) for flag, field in _SERVER_FLAGS.items() if getattr(args, flag) is not None}
     if args.cors_origins:
@@ -112,6 +117,18 @@ def configs_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
     if engine.model_dir is not None and not Path(engine.model_dir).is_dir():
         raise UsageError(f"model folder {engine.model_dir} does not exist; pass the folder with the official HunyuanVideo-Foley files")
     return engine, server
+
+
+def _profile_sets(profile: str | None, key: str) -> bool:
+    """Whether the profile's engine section names ``key`` itself (not just inherits the default)."""
+    if not profile:
+        return False
+    import yaml
+
+    from foleyserve.server.settings import find_profile
+
+    raw = yaml.safe_load(find_profile(profile).read_text(encoding="utf-8")) or {}
+    return key in (raw.get("engine") or {})
 
 
 def _flag_names(message: str) -> str:
@@ -169,7 +186,12 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("foleyserve").setLevel(level)  # cli.main quiets it for one-shot commands
     if engine_config.demo:
-        print("foleyserve: serving the DEMO model (random weights): the audio will be noise", file=sys.stderr)
+        from foleyserve.pipeline.demo import demo_precision
+
+        chosen, why = demo_precision(engine_config.device)
+        reason = f" ({why})" if chosen == engine_config.precision else ""
+        print(f"foleyserve: serving the DEMO model (random weights, {engine_config.precision}{reason}): the audio will be noise",
+              file=sys.stderr)
     if not server_config.api_key and not _is_loopback(server_config.host):
         print(f"foleyserve: warning: listening on {server_config.host} without an API key; anyone who can reach "
               f"this port can run jobs (set FOLEYSERVE_API_KEY or --api-key)", file=sys.stderr)
