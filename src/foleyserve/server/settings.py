@@ -46,8 +46,9 @@ class ServerConfig:
     port: Annotated[Int, Field(ge=0, le=65535)] = 8000  # 0: any free port (the chosen one is printed)
     data_dir: Path = Path("foleyserve-data")  # jobs.sqlite3, uploads/, results/, cache/
     log_level: Literal[LOG_LEVELS] = "info"  # type: ignore[valid-type]
-    # Request limits. Decoding keeps full-resolution frames in memory (about 500 of them for a
-    # 15 s clip), so the pixel limit is what bounds a request's host memory, not the upload size.
+    # Request limits. Frames are reduced to the encoders' sizes as they are decoded, so a request
+    # holds one full-resolution frame at a time; the pixel limit bounds that frame and the decode
+    # time (a 4K frame costs ~4x a 1080p one to decode and resize).
     max_upload_mb: Annotated[Number, Field(ge=0.001)] = 200.0
     max_video_pixels: Annotated[Int, Field(ge=1)] = 1920 * 1088
     # Uploads are refused (507) while the data directory has less free space than this, so a

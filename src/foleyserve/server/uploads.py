@@ -3,7 +3,6 @@ and refuse oversized request bodies while they arrive."""
 
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,35 +17,7 @@ from foleyserve.server.settings import ServerConfig
 # decoder makes the exact call (a header can undercount).
 MIN_HEADER_SECONDS = 0.6
 
-_NOT_VIDEO_MAGIC = (
-    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
-    (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip archive"), (b"ID3", "an MP3 audio file"),
-    (b"fLaC", "a FLAC audio file"), (b"BM", None), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
-)
 _VIDEO_MAGIC_AT_4 = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
-
-
-def describe_non_video(head: bytes) -> str | None:
-    """What an upload obviously is when it is not a video, from its first bytes."""
-    for magic, what in _NOT_VIDEO_MAGIC:
-        if what and head.startswith(magic):
-            return what
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "a WebP image"
-    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
-        return "a WAV audio file"
-    if b"\x00" not in head:
-        try:
-            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-        except UnicodeDecodeError:
-            return None
-        stripped = text.lstrip().lower()
-        if stripped.startswith(("<!doctype html", "<html")):
-            return "an HTML page"
-        if stripped.startswith(("{", "[")):
-            return "JSON text"
-        return "a text file"
-    return None
 
 
 def _looks_like_container(head: bytes) -> bool:
@@ -68,7 +39,7 @@ def inspect_upload(path: Path, config: ServerConfig, filename: str | None) -> me
         info = media.probe(path)
     except media.MediaError as e:
         # FFmpeg had the first say; only now decide whether this is a broken video or no video.
-        kind = describe_non_video(head)
+        kind = media.describe_non_video(head)
         if kind is not None:
             raise ApiError(415, "unsupported_media_type", f"the upload is {kind}, not a video{received}; {advice}") from None
         streams = _stream_kinds(path)
@@ -79,7 +50,7 @@ def inspect_upload(path: Path, config: ServerConfig, filename: str | None) -> me
             raise ApiError(415, "unsupported_media_type", f"the upload is not a video format FFmpeg recognises{received}; {advice}") from None
         raise ApiError(422, "invalid_video", str(e).replace(str(path), "the uploaded video")) from None
     if info.container.endswith("_pipe") or info.container == "image2":
-        kind = describe_non_video(head) or f"a still image ({info.container.removesuffix('_pipe')})"
+        kind = media.describe_non_video(head) or f"a still image ({info.container.removesuffix('_pipe')})"
         raise ApiError(415, "unsupported_media_type", f"the upload is {kind}, not a video{received}; send a video clip")
     if info.duration is not None and info.duration < MIN_HEADER_SECONDS:
         raise ApiError(
