@@ -94,7 +94,9 @@ def generate(
         **{k: v for k, v in options.items() if k in engine_keys},
     )
     if model_dir is None and "precision" not in options:
-        config.precision = "fp32"  # the demo model is built in fp32
+        from foleyserve.pipeline.demo import demo_precision
+
+        config.precision = demo_precision(config.device)[0]  # the one demo rule the CLI uses too
     request = GenerationRequest(
         video=video, prompt=prompt, output=output, **{k: v for k, v in options.items() if k in request_keys}
     )
