@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from foleyserve import media
 from foleyserve.config import MAX_VIDEO_PIXELS
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
 # RoBERTa numbers real tokens from padding_idx + 1; laion/larger_clap_general's defaults.
 _CLAP_POSITIONS = 514
 _CLAP_PAD_ID = 1
-
-# Fallback sniffing for a media module without describe_non_video: still images people pass by
-# mistake (a thumbnail, a frame grab), named as media names them.
-_IMAGE_MAGIC: Sequence[tuple[bytes, str]] = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF87a", "a GIF image"),
-    (b"GIF89a", "a GIF image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
-)
-
 
 def token_limit(text_config: Any) -> int:
     """Most tokens (``<s>`` and ``</s>`` included) a CLAP text config can encode."""
@@ -92,19 +84,6 @@ class PromptChecker:
         check_prompts(self.tokenizer, self.limit, prompt, negative_prompt)
 
 
-def describe_non_video(head: bytes) -> str | None:
-    """What a file obviously is when it is not a video ("a PNG image"), from its first bytes."""
-    describe = getattr(media, "describe_non_video", None)
-    if describe is not None:  # media's own sniffing, where it has it
-        return describe(head)
-    for magic, what in _IMAGE_MAGIC:
-        if head.startswith(magic):
-            return what
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "a WebP image"
-    return None
-
-
 def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> media.VideoInfo:
     """Probe ``path`` (header and one frame) and check it is a video within the request budget.
 
@@ -118,7 +97,7 @@ def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> medi
                 head = fh.read(512)
         except OSError as e:
             raise media.MediaError(f"cannot read {p}: {e.strerror}; check its permissions") from None
-        what = describe_non_video(head)
+        what = media.describe_non_video(head)
         if what is not None:
             raise media.MediaError(f"{p} is {what}, not a video; pass a video file such as MP4 (H.264), MOV, MKV or WebM")
     info = media.probe(p)
@@ -128,13 +107,6 @@ def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> medi
         frames = int(info.duration * media.SYNC_FPS + 0.5)
         if frames + 1 < media.MIN_SYNC_FRAMES:
             media.check_min_frames(frames)
-    budget = getattr(media, "check_budget", None)
-    if budget is not None:
-        # No duration limit: decoding reads at most the first 15 s of any video.
-        budget(info, max_pixels=max_pixels, max_seconds=None)
-    elif info.width * info.height > max_pixels:
-        raise media.MediaError(
-            f"{p} is {info.width}x{info.height} ({info.width * info.height / 1e6:.1f} MP per frame), more than "
-            f"{max_pixels / 1e6:.1f} MP per frame; scale it down (the model sees 512x512 and 224x224 frames anyway)"
-        )
+    # No duration limit: decoding reads at most the first 15 s of any video.
+    media.check_budget(info, max_pixels=max_pixels, max_seconds=None)
     return info
