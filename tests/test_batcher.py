@@ -272,8 +272,8 @@ def test_retry_after_follows_the_drain_rate_and_spreads_refused_clients(engine, 
     clock = [1000.0]
     monkeypatch.setattr(batcher_module.time, "monotonic", lambda: clock[0])
     b = Batcher(engine, BatcherConfig(max_queue=1))  # not started: we move jobs out by hand
-    # Nothing has left the queue yet: a default per refused client, growing with each refusal.
-    assert [b.retry_after() for _ in range(3)] == [5.0, 10.0, 15.0]
+    # Nothing has left the queue yet: a default, a second more for each refusal still pending.
+    assert [b.retry_after() for _ in range(3)] == [2.0, 3.0, 4.0]
     clock[0] += 100.0  # those promises expire
     # Ten jobs left the queue over the last 20 s: 0.5 jobs/s, so a slot every 2 s.
     for i in range(10):

@@ -108,8 +108,9 @@ BULK_PROMOTION_SECONDS = 30.0
 KEEP_FINISHED = 256
 # Prepared jobs allowed to wait for the denoiser, per max_batch_size.
 READY_BATCHES_AHEAD = 2
-# retry_after when nothing has finished yet to estimate from.
-DEFAULT_RETRY_AFTER = 5.0
+# Until two jobs have left the queue there is no drain rate: the first refused client is told
+# this, each later one a second more (enough to spread them; the rate is known within a batch).
+DEFAULT_RETRY_AFTER = 2.0
 MAX_RETRY_AFTER = 300.0
 # Completions remembered for the throughput estimate.
 _THROUGHPUT_WINDOW = 64
@@ -480,7 +481,7 @@ class Batcher:
             self._promised.popleft()
         rate = self._drain_rate_locked(now)
         position = len(self._promised) + 1
-        wait = DEFAULT_RETRY_AFTER * position if rate is None else position / rate
+        wait = DEFAULT_RETRY_AFTER + (position - 1) if rate is None else position / rate
         wait = float(min(MAX_RETRY_AFTER, max(1.0, wait)))
         self._promised.append(now + wait)
         if len(self._promised) > 1 and self._promised[-1] < self._promised[-2]:
