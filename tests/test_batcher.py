@@ -282,6 +282,8 @@ def test_retry_after_follows_the_drain_rate_and_spreads_refused_clients(engine, 
     assert waits == [2.0, 4.0, 6.0, 8.0]  # the k-th refused client is told k slots' time
     clock[0] += 5.0  # the first two promises are due: the next refusal queues behind the other two
     assert b.retry_after() == 3 / (10 / 25.0)
+    clock[0] += 3600.0  # an idle hour: old leaves no longer say how fast the queue drains
+    assert b.retry_after() == 2.0
 
 
 def test_jobs_report_preparing_while_their_encoders_run(engine, clips, calls):

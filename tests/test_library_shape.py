@@ -12,7 +12,7 @@ import foleyserve
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = str(REPO / "src")
-SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "diskcache", "redis", "prometheus_client", "starlette")
+SERVE_MODULES = ("fastapi", "uvicorn", "python_multipart", "multipart", "diskcache", "redis", "prometheus_client", "starlette")
 
 
 def test_public_api_is_listed_and_documented():

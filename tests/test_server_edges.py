@@ -224,6 +224,44 @@ def test_ambiguous_forms_are_refused_naming_the_field(serve, parts, close, statu
     assert not list((c.app.state.service.store.uploads_dir).iterdir())  # nothing left behind
 
 
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b"--other\r\nContent-Disposition: form-data; name=\"video\"\r\n\r\nV\r\n--other--\r\n", "multipart/form-data; boundary=foley"),
+        (b"--foley\nContent-Disposition: form-data; name=\"video\"\n\nV\n--foley--\n", "multipart/form-data; boundary=foley"),
+    ],
+    ids=["wrong-boundary", "lf-only"],
+)
+def test_malformed_multipart_is_400_not_500(serve, body: bytes, content_type: str) -> None:
+    c = serve()
+    r = c.post("/v1/generations", content=body, headers={"content-type": content_type})
+    assert r.status_code == 400 and error_of(r)["code"] in ("malformed_body", "incomplete_body"), r.text
+
+
+def test_a_half_applied_migration_is_completed(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    store.close()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("PRAGMA user_version=1")  # as if a kill landed between the ALTERs and the version bump
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path)
+    assert store.recent(1) == []
+    store.close()
+
+
+def test_a_final_state_the_store_refuses_for_another_reason_is_kept_and_retried(serve, clip: bytes, monkeypatch) -> None:
+    c = serve()
+    service = c.app.state.service
+    job = finished(c, submit(c, clip, steps=2)["id"])
+    service._unsaved[job["id"]] = {"status": "failed", "error_code": "x", "error_message": "y"}
+    real = service.store.update_if_active
+    monkeypatch.setattr(service.store, "update_if_active", lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")))
+    assert service.retry_unsaved() == 1  # not dropped on an error that is not the disk
+    monkeypatch.setattr(service.store, "update_if_active", real)
+    assert service.retry_unsaved() == 0
+
+
 def test_utf8_prompts_and_files_without_a_filename_are_accepted(serve, clip: bytes) -> None:
     c = serve()
     body, content_type = multipart([("video", clip, None), ("prompt", "café au lait, 雨".encode(), None), ("steps", b"2", None)])

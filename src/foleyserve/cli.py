@@ -423,7 +423,7 @@ _COMMAND_MODULES = ("serve", "batch", "profile", "fidelity")
 
 # What each command needs beyond the core dependencies, and the extra that installs it.
 SERVE_EXTRA = "pip install 'foleyserve[serve]'"
-_EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "multipart", "diskcache", "redis", "prometheus_client")}
+_EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "python_multipart", "diskcache", "redis", "prometheus_client")}
 
 
 def missing_modules(names: Sequence[str]) -> list[str]:

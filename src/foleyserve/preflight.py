@@ -91,16 +91,20 @@ def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> medi
     other non-video, a clip clearly shorter than one Synchformer window, frames over ``max_pixels``.
     """
     p = Path(path)
-    if p.is_file():
+    try:
+        info = media.probe(p)
+    except media.MediaError as err:
+        # FFmpeg has the first say (a dark Y4M or a raw stream can look like text or an icon);
+        # only a file it refuses is named by its first bytes.
         try:
             with open(p, "rb") as fh:
                 head = fh.read(512)
-        except OSError as e:
-            raise media.MediaError(f"cannot read {p}: {e.strerror}; check its permissions") from None
+        except OSError:
+            raise err from None
         what = media.describe_non_video(head)
         if what is not None:
-            raise media.MediaError(f"{p} is {what}, not a video; pass a video file such as MP4 (H.264), MOV, MKV or WebM")
-    info = media.probe(p)
+            raise media.MediaError(f"{p} is {what}, not a video; pass a video file such as MP4 (H.264), MOV, MKV or WebM") from None
+        raise
     if info.duration is not None:
         # The exact count comes from decoding; refuse here only what is clearly too short, so a
         # clip at the boundary is left to the decoder's exact rule.

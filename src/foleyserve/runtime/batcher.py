@@ -112,6 +112,8 @@ READY_BATCHES_AHEAD = 2
 # this, each later one a second more (enough to spread them; the rate is known within a batch).
 DEFAULT_RETRY_AFTER = 2.0
 MAX_RETRY_AFTER = 300.0
+# Leaves older than this do not count towards the drain rate.
+DRAIN_WINDOW_S = 120.0
 # Completions remembered for the throughput estimate.
 _THROUGHPUT_WINDOW = 64
 
@@ -465,10 +467,12 @@ class Batcher:
             return self._drain_rate_locked(time.monotonic())
 
     def _drain_rate_locked(self, now: float) -> float | None:
-        if len(self._leaves) < 2:
+        # Only recent leaves: after an idle hour, old ones would make a burst look slow to drain.
+        recent = [t for t in self._leaves if now - t <= DRAIN_WINDOW_S]
+        if len(recent) < 2:
             return None
-        span = now - self._leaves[0]
-        return len(self._leaves) / span if span > 0 else None
+        span = now - recent[0]
+        return len(recent) / span if span > 0 else None
 
     def retry_after(self) -> float:
         """Seconds a refused submitter should wait, counted as a refusal (see the module docstring)."""

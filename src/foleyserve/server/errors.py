@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from foleyserve import media
 from foleyserve.pipeline.requests import RequestError
@@ -144,6 +145,13 @@ def add_error_handlers(app: FastAPI, config: ServerConfig, on_rejected: Callable
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         count_rejected(request, 422)
         return error_response(422, "invalid_parameter", validation_message(list(exc.errors()), rules))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Routine (a closed tab, a dropped mobile link): the upload is already removed, and
+        # nobody is left to read an answer.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

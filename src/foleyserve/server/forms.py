@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT
@@ -177,7 +178,14 @@ async def receive_form(
     try:
         async for chunk in chunks:
             if chunk:
-                parser.write(chunk)
+                try:
+                    parser.write(chunk)
+                except MultipartParseError:
+                    raise ApiError(
+                        400, "malformed_body",
+                        "the multipart body does not follow its boundary (CRLF line endings, the boundary given in "
+                        "Content-Type, at most 8 headers per part); let the HTTP client build the form (curl -F, FormData)",
+                    ) from None
         parser.finalize()
         if parser.state != MultipartState.END:
             raise ApiError(
@@ -188,9 +196,10 @@ async def receive_form(
     except BaseException:
         try:
             receiver.close()
-        except ApiError:
-            pass
-        dest.unlink(missing_ok=True)
+        except Exception:
+            pass  # the original error is the one to report
+        finally:
+            dest.unlink(missing_ok=True)
         raise
     if not receiver.form.has_video:
         dest.unlink(missing_ok=True)

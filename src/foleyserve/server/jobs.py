@@ -127,12 +127,23 @@ class JobStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if fresh or version == 0:
                 version = SCHEMA_VERSION if fresh else 1
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS.get(v, ()):
-                    self._db.execute(statement)
             if version <= SCHEMA_VERSION:
-                self._db.execute(_OWNER_INDEX)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                # One transaction (SQLite's DDL is transactional): a migration cut short by a full
+                # disk or a kill leaves the old schema, never half of the new one.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+                    for v in range(version + 1, SCHEMA_VERSION + 1):
+                        for statement in _MIGRATIONS.get(v, ()):
+                            column = statement.split("ADD COLUMN ", 1)[1].split()[0]
+                            if column not in have:
+                                self._db.execute(statement)
+                    self._db.execute(_OWNER_INDEX)
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.path} was written by a newer foleyserve (schema {version} > {SCHEMA_VERSION}); "
@@ -174,6 +185,12 @@ class JobStore:
                 (*values.values(), job_id),
             )
             return cur.rowcount == 1
+
+    def probe_write(self) -> None:
+        """A real write to the database (a one-row table), to tell whether SQLite takes writes again."""
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS health (k TEXT PRIMARY KEY, v REAL)")
+            self._db.execute("INSERT OR REPLACE INTO health (k, v) VALUES ('probe', ?)", (time.time(),))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

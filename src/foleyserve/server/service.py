@@ -16,7 +16,9 @@ from foleyserve.pipeline.requests import GenerationRequest, RequestError
 from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
 from foleyserve.server.settings import ServerConfig
-from foleyserve.server.storage import ResultVerifier, StorageHealth, describe_storage_error, file_digest, is_storage_error
+from foleyserve.server.storage import (
+    CHECK_INTERVAL_S, ResultVerifier, StorageHealth, describe_storage_error, file_digest, is_storage_error,
+)
 
 log = logging.getLogger("foleyserve.server")
 
@@ -37,6 +39,7 @@ class Service:
         self.engine = engine
         self.store = JobStore(config.data_dir)
         self.storage = StorageHealth(config.data_dir, int(config.min_free_mb * 2**20))
+        self.storage.refresh()
         self.verifier = ResultVerifier()
         self.cache: Any | None = None
         self.batcher: Any | None = None
@@ -97,6 +100,12 @@ class Service:
                 cache.close()
             except Exception:
                 log.exception("closing the cache failed")
+        for t in self._threads:
+            if t.name == "foleyserve-retention":
+                t.join(timeout=10.0)
+        if self.retry_unsaved():
+            log.warning("shutdown: %d job(s) ended but the disk refused their final state; they re-run on the next start",
+                        len(self._unsaved))
         self.store.close()
 
     def _load(self) -> None:
@@ -179,7 +188,8 @@ class Service:
         for rec in self.store.active():
             upload = self.store.upload_path(rec.id)
             if rec.upload and upload.is_file():
-                self.store.update(rec.id, status="queued", started=None, progress_step=0, progress_total=0)
+                if not self.store.update_if_active(rec.id, status="queued", started=None, progress_step=0, progress_total=0):
+                    continue  # cancelled while the model loaded
                 try:
                     self.batcher.submit(self._request_for(rec, upload), priority=rec.priority, job_id=rec.id)  # type: ignore[union-attr]
                     requeued += 1
@@ -225,9 +235,12 @@ class Service:
                         self.storage.write_failed(e)
                     log.exception("result retention failed; will retry")
                 next_retention = time.monotonic() + self.config.retention_interval_s
+            try:
+                self.storage.refresh(self.store.probe_write)
+            except Exception:
+                log.exception("checking the data directory failed; will retry")
             self.retry_unsaved()
-            wait = UNSAVED_RETRY_S if self._unsaved else max(0.0, next_retention - time.monotonic())
-            if self._stop_janitor.wait(min(wait, self.config.retention_interval_s)):
+            if self._stop_janitor.wait(min(CHECK_INTERVAL_S, UNSAVED_RETRY_S, self.config.retention_interval_s)):
                 return
 
     # -- final states the disk refused -------------------------------------------------------------
@@ -246,6 +259,7 @@ class Service:
             log.warning("job %s ended but its state could not be written (%s); retrying every %g s",
                         job_id, describe_storage_error(e), UNSAVED_RETRY_S)
             return None
+        self.storage.write_succeeded()
         with self._lock:
             self._unsaved.pop(job_id, None)
         return changed
@@ -261,10 +275,13 @@ class Service:
                 if is_storage_error(e):
                     self.storage.write_failed(e)
                     break  # the disk still refuses; the next round tries again
-                log.exception("writing the final state of job %s failed", job_id)
+                log.exception("writing the final state of job %s failed; will retry", job_id)
+                continue
+            self.storage.write_succeeded()
             with self._lock:
                 if self._unsaved.get(job_id) is changes:
                     del self._unsaved[job_id]
+            unlink(self.store.upload_path(job_id))
             log.info("job %s: final state written after the storage recovered", job_id)
         with self._lock:
             return len(self._unsaved)
@@ -361,12 +378,16 @@ class Service:
                 changes.update(error_code=code, error_message=message)
             else:
                 changes.update(error_code="cancelled", error_message="the job was cancelled")
-        if self._write_final(job.id, changes) is not False:
+        written = self._write_final(job.id, changes)
+        if written is not False:
             self.metrics.observe_finished(
                 changes["status"], timings=changes.get("timings", {}),
                 seconds=now - rec.created, audio_seconds=changes.get("audio_seconds"),
             )
-        unlink(self.store.upload_path(job.id))
+        if written is not None:
+            # While the final state is unsaved the upload stays: if the process stops before the
+            # disk takes the state, the next start re-runs the job from it.
+            unlink(self.store.upload_path(job.id))
 
     def _write_progress(self, job_id: str, changes: dict[str, Any]) -> None:
         # Progress is advisory: a disk that refuses it must not fail the job (its final state is

@@ -17,14 +17,15 @@ import os
 import shutil
 import sqlite3
 import threading
-import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 # errno values that mean "the disk refuses writes", as opposed to a bug in our code.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 # SQLite reports the same faults in its own words.
 _SQLITE_STORAGE_WORDS = ("disk is full", "readonly database", "disk i/o error", "unable to open database")
+# How often the service's janitor re-checks the disk.
 CHECK_INTERVAL_S = 1.0
 _HASH_CHUNK = 1 << 20
 
@@ -53,35 +54,53 @@ def describe_storage_error(exc: BaseException) -> str:
 
 
 class StorageHealth:
-    """Whether the data directory takes writes; cheap to ask often (re-checked once a second)."""
+    """Whether the data directory takes writes.
+
+    :meth:`problem` only reads the last verdict, so the event loop (admission, probes) never
+    touches the disk; :meth:`refresh` does the I/O and runs on the service's janitor thread
+    about once a second. A failed write reported through :meth:`write_failed` counts at once,
+    and is cleared only when a real write to the job store succeeds again (a probe file can
+    succeed while SQLite's own files are read-only or full).
+    """
 
     def __init__(self, data_dir: Path, min_free_bytes: int) -> None:
         self.data_dir = Path(data_dir)
         self.min_free_bytes = int(min_free_bytes)
         self._lock = threading.Lock()
-        self._checked = -float("inf")
         self._problem: str | None = None
-        self._write_failure: str | None = None  # the last failed write, until a write succeeds
+        self._write_failure: str | None = None  # the last failed write, until a store write succeeds
 
-    def problem(self, *, fresh: bool = False) -> str | None:
-        """None when the data directory is usable, else what is wrong and what to do."""
-        now = time.monotonic()
+    def problem(self) -> str | None:
+        """None when the data directory is usable, else what is wrong and what to do (no I/O)."""
         with self._lock:
-            if not fresh and now - self._checked < CHECK_INTERVAL_S:
-                return self._problem
-        problem = self._check()
-        with self._lock:
-            self._checked = time.monotonic()
-            self._problem = problem
-            if problem is None:
-                self._write_failure = None
-        return problem
+            return self._problem or self._write_failure
 
     def write_failed(self, exc: BaseException) -> None:
-        """Record a failed write: the next check probes the disk instead of trusting its cache."""
+        """Record a write the disk refused; admission and /readyz see it at once."""
         with self._lock:
-            self._write_failure = describe_storage_error(exc)
-            self._checked = -float("inf")
+            self._write_failure = f"{describe_storage_error(exc)} (a write failed); new jobs are refused until it takes writes again"
+
+    def write_succeeded(self) -> None:
+        with self._lock:
+            self._write_failure = None
+
+    def refresh(self, store_probe: Callable[[], None] | None = None) -> str | None:
+        """Check the disk now (free space, a small fsynced write, and after a failed write a
+        real write to the store through ``store_probe``); returns the new verdict."""
+        problem = self._check()
+        with self._lock:
+            failed = self._write_failure is not None
+        if problem is None and failed and store_probe is not None:
+            try:
+                store_probe()
+            except Exception as e:
+                if not is_storage_error(e):
+                    raise
+            else:
+                self.write_succeeded()
+        with self._lock:
+            self._problem = problem
+        return self.problem()
 
     def _check(self) -> str | None:
         try:
