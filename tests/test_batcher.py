@@ -19,6 +19,7 @@ from foleyserve.media import decode_frames
 from foleyserve.pipeline.pipeline import Engine
 from foleyserve.pipeline.requests import GenerationRequest, RequestError
 from foleyserve.runtime import batcher as batcher_module
+from foleyserve.runtime import buckets as buckets_module
 from foleyserve.runtime.batcher import Batcher, BatcherConfig, QueueFull, trim_to_whole_seconds
 
 WAIT = 60.0  # generous bound for job.wait: only hit when something is broken
@@ -372,9 +373,9 @@ def test_stop_cancels_waiting_jobs_and_refuses_new_ones(engine, clips):
 
 def test_whole_second_frame_counts_follow_the_official_rule():
     # The bundled sample is exactly 4 s at 25 fps and decodes to 99 + 32 frames.
-    assert batcher_module._official_frame_count(4, 25) == 99
-    assert batcher_module._official_frame_count(4, 8) == 32
-    assert batcher_module._official_frame_count(1, 25) == 24
+    assert buckets_module._official_frame_count(4, 25) == 99
+    assert buckets_module._official_frame_count(4, 8) == 32
+    assert buckets_module._official_frame_count(1, 25) == 24
 
 
 def test_trim_to_whole_seconds(clips):

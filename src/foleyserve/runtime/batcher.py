@@ -72,34 +72,32 @@ have finished.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
-import math
 import threading
 import time
 import uuid
-import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 from foleyserve import media
-from foleyserve.config import ConfigError
 from foleyserve.models.encoders import PromptTooLongError
-from foleyserve.pipeline.pipeline import MAX_SECONDS, Engine, PreparedJob
+from foleyserve.pipeline.pipeline import Engine
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.stages import StageTimer
+# The batcher's public types live beside it; importing them from here keeps working.
+from foleyserve.runtime.batch_job import (  # noqa: F401
+    FINAL_STATUSES, LENGTH_BUCKETS, PRIORITIES, BatcherConfig, Job, JobStatus, QueueFull,
+)
+from foleyserve.runtime.buckets import _Trim, trim_to_whole_seconds  # noqa: F401
 
 if TYPE_CHECKING:
     from foleyserve.runtime.cache import FoleyCache
 
 log = logging.getLogger("foleyserve.batcher")
 
-JobStatus = Literal["queued", "preparing", "running", "succeeded", "failed", "cancelled"]
-PRIORITIES = ("interactive", "bulk")
-LENGTH_BUCKETS = ("exact", "second")
-FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 # A bulk job older than this is scheduled as if it were interactive.
 BULK_PROMOTION_SECONDS = 30.0
@@ -118,117 +116,7 @@ DRAIN_WINDOW_S = 120.0
 _THROUGHPUT_WINDOW = 64
 
 
-class QueueFull(Exception):
-    """The batcher cannot take another job now; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class BatcherConfig:
-    max_batch_size: int = 4
-    max_wait_ms: float = 10.0
-    max_queue: int = 64
-    length_bucket: str = "exact"
-
-    def validate(self) -> "BatcherConfig":
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
-        if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms < math.inf:
-            raise ConfigError(f"max_wait_ms must be a number of milliseconds >= 0, got {self.max_wait_ms!r}")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
-            raise ConfigError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
-        if self.length_bucket not in LENGTH_BUCKETS:
-            raise ConfigError(f"unknown length_bucket {self.length_bucket!r}: choose one of {', '.join(LENGTH_BUCKETS)}")
-        return self
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's life in the batcher. Read it freely; only the batcher writes it."""
-
-    id: str
-    request: GenerationRequest
-    priority: str = "interactive"
-    status: JobStatus = "queued"
-    progress: tuple[int, int] = (0, 0)  # (step, total) of denoising
-    cache_hit: bool = False
-    result: GenerationResult | None = None
-    error: Exception | None = None
-    error_code: str | None = None
-    created: float = field(default_factory=time.time)  # wall-clock seconds (time.time)
-    started: float | None = None  # when its denoising batch started
-    finished: float | None = None
-    batch_size: int | None = None
-
-    _seq: int = field(default=0, init=False, repr=False)
-    _submitted: float = field(default_factory=time.monotonic, init=False, repr=False)
-    _ready_at: float = field(default=0.0, init=False, repr=False)
-    _prepared: PreparedJob | None = field(default=None, init=False, repr=False)
-    _key: tuple | None = field(default=None, init=False, repr=False)
-    _result_key: str | None = field(default=None, init=False, repr=False)
-    _source_key: str | None = field(default=None, init=False, repr=False)  # hash of the upload, hashed once
-    _trim: "_Trim | None" = field(default=None, init=False, repr=False)
-    _cancel: bool = field(default=False, init=False, repr=False)
-    _in_queue: bool = field(default=False, init=False, repr=False)  # counted by queue_depth
-    _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job is succeeded, failed or cancelled; False if ``timeout`` ran out first."""
-        return self._done.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self.status in FINAL_STATUSES
-
-
-@dataclass
-class _Trim:
-    """What the "second" bucket cut off a clip, to restore in its result."""
-
-    video_seconds: float
-    warning: str
-
-
-def _official_frame_count(seconds: int, fps: int, source_fps: int = 25) -> int:
-    """Frames the official sampling rule yields at ``fps`` for a clip of exactly ``seconds`` s at
-    ``source_fps``: same float accumulation as ``media.decode_frames``."""
-    n, next_time, delta = 0, 0.0, 1 / fps
-    for k in range(seconds * source_fps):
-        t = k / source_fps
-        while t >= next_time:
-            n += 1
-            next_time += delta
-    return n
-
-
 _SOURCE_MEMO = 4096  # videos remembered for the no-decode result-cache path
-
-
-def trim_to_whole_seconds(decoded: media.DecodedVideo) -> tuple[media.DecodedVideo, _Trim | None]:
-    """The "second" length bucket: keep the frames of the clip's first floor(duration) seconds.
-
-    Returns the decoded video unchanged (and None) when there is nothing to trim."""
-    seconds = math.floor(min(decoded.duration, MAX_SECONDS))
-    f25, f8 = decoded.frames[media.SYNC_FPS], decoded.frames[media.SIGLIP_FPS]
-    if seconds < 1:
-        return decoded, None
-    n25 = _official_frame_count(seconds, media.SYNC_FPS)
-    n8 = _official_frame_count(seconds, media.SIGLIP_FPS)
-    if len(f25) < n25 or (len(f25) == n25 and len(f8) <= n8):
-        return decoded, None
-    covered = n25 / media.SYNC_FPS
-    # duration = what the audio covers, so write_result does not warn about the 15 s limit; the
-    # real duration goes back into the result afterwards.
-    trimmed = dataclasses.replace(decoded, frames={media.SYNC_FPS: f25[:n25], media.SIGLIP_FPS: f8[: min(len(f8), n8)]}, duration=covered)
-    note = (
-        f"the video is {decoded.duration:.2f} s long; sound was generated for its first {covered:.2f} s only, "
-        f"because length_bucket='second' trims clips to whole seconds so that similar lengths share a batch; "
-        f"the rest of the video is silent"
-    )
-    return trimmed, _Trim(video_seconds=decoded.duration, warning=note)
 
 
 def _classify(exc: BaseException, *, user_stage: bool) -> tuple[str, Exception]:
