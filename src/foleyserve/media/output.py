@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import av
 import numpy as np
@@ -86,8 +86,8 @@ def write_audio(path: str | os.PathLike, waveform: Waveform, sample_rate: int = 
     """Write a mono (or stereo) waveform as .wav or .flac.
 
     WAV defaults to 32-bit float, like the official (torchaudio.save of a float tensor): values are
-    stored as they are, nothing is clipped. ``bits=16`` writes 16-bit PCM. FLAC is integer-only:
-    24-bit by default, ``bits=16`` for 16-bit; integer formats clip to [-1, 1].
+    stored as they are, nothing is clipped. ``bits=16`` or ``24`` writes PCM at that depth. FLAC is
+    integer-only: 24-bit by default, ``bits=16`` for 16-bit; integer formats clip to [-1, 1].
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -99,8 +99,10 @@ def write_audio(path: str | os.PathLike, waveform: Waveform, sample_rate: int = 
             fmt, codec, data = "flt", "pcm_f32le", samples
         elif bits == 16:
             fmt, codec, data = "s16", "pcm_s16le", _to_int(samples, 16)
+        elif bits == 24:
+            fmt, codec, data = "s32", "pcm_s24le", _to_int(samples, 24)  # the encoder keeps the top 24 bits
         else:
-            raise ValueError(f"WAV bits must be 32 (float) or 16, got {bits}")
+            raise ValueError(f"WAV bits must be 32 (float), 24 or 16, got {bits}")
         container_fmt = "wav"
     else:
         if bits in (None, 24):
@@ -207,13 +209,15 @@ def mux(
     *,
     keep_original_audio_gain: float | None = None,
     bitrate: str | int = "192k",
+    mix: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> MuxResult:
     """MP4 with the source's video stream copied packet for packet and the Foley as stereo AAC 48 kHz.
 
     Like the official (no ``-shortest``) the output keeps the video's full length even when the audio
     is shorter. ``keep_original_audio_gain`` mixes the source's own first audio track (resampled to
     48 kHz stereo) under the Foley at that linear gain; the sum is clipped to [-1, 1] and lasts as long
-    as the longer of the two.
+    as the longer of the two. ``mix(foley, original)`` (both [2, T] at 48 kHz, the original already
+    at its gain) replaces that plain sum, e.g. with :func:`foleyserve.loudness.duck_and_mix`.
 
     A video codec that MP4 cannot hold (VP8, Theora, ...) is re-encoded to H.264 (yuv420p, CRF 18,
     odd sizes scaled to the next even size); ``MuxResult.video_copied`` is then False and a note says so.
@@ -233,10 +237,13 @@ def mux(
         if orig is None or orig.shape[1] == 0:
             notes.append(f"{label} has no audio track to keep; the output has the Foley only")
         else:
-            n = max(foley.shape[1], orig.shape[1])
-            mixed = np.zeros((2, n), np.float32)
-            mixed[:, : foley.shape[1]] += foley
-            mixed[:, : orig.shape[1]] += np.float32(keep_original_audio_gain) * orig
+            orig = np.float32(keep_original_audio_gain) * orig
+            if mix is not None:
+                mixed = _as_channels(mix(foley, orig))
+            else:
+                mixed = np.zeros((2, max(foley.shape[1], orig.shape[1])), np.float32)
+                mixed[:, : foley.shape[1]] += foley
+                mixed[:, : orig.shape[1]] += orig
             foley = np.clip(mixed, -1.0, 1.0)
     with _open(video) as container:
         vin = _video_stream(container, label)
