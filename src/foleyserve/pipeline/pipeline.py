@@ -24,6 +24,7 @@ from foleyserve.pipeline.features import (
     sync_features,
     text_features,
 )
+from foleyserve.pipeline.mastering import master
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.sampler import initial_noise, sample_latents
 from foleyserve.pipeline.stepcache import StepCache
@@ -552,8 +553,8 @@ class Engine:
         decoded: media.DecodedVideo,
         timer: StageTimer | None = None,
     ) -> GenerationResult:
-        """Write ``audio`` ([1, T] at 48 kHz) as the request asks and describe it. Also used for a
-        result served from a cache: no model runs here."""
+        """Write ``audio`` ([1, T] at 48 kHz) as the request asks (at its loudness) and describe it.
+        Also used for a result served from a cache: no model runs here."""
         timer = timer or StageTimer(self.device)
         warnings: list[str] = []
         if self.components.is_demo:
@@ -572,15 +573,18 @@ class Engine:
                 f"{decoded.duration - covered:.2f} s are silent{why}"
             )
         files: list[Path] = []
-        if request.output is not None:
-            out = Path(request.output)
-            with timer.stage("write"):
+        with timer.stage("write"):  # loudness included: it only shapes what is written
+            mastered = master(request, audio, self.sample_rate)  # `audio` itself stays raw
+            if request.output is not None:
+                out = Path(request.output)
                 if out.suffix.lower() == ".mp4":
                     source = request.video if isinstance(request.video, (bytes, bytearray)) else Path(request.video)
-                    media.mux(source, audio, self.sample_rate, out, keep_original_audio_gain=request.keep_original_audio_gain)
+                    media.mux(source, mastered.waveform, self.sample_rate, out,
+                              keep_original_audio_gain=request.keep_original_audio_gain, mix=mastered.mix)
                 else:
-                    media.write_audio(out, audio, self.sample_rate)
-            files.append(out)
+                    media.write_audio(out, mastered.waveform, self.sample_rate, bits=request.bit_depth)
+                files.append(out)
+        warnings.extend(mastered.notes)
         for w in warnings:
             log.warning(w)
         return GenerationResult(
@@ -594,4 +598,6 @@ class Engine:
             files=files,
             warnings=warnings,
             model=self.components.name,
+            output_waveform=mastered.waveform,
+            loudness=mastered.report,
         )

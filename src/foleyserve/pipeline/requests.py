@@ -8,8 +8,13 @@ from typing import Any
 
 import torch
 
+from foleyserve.loudness import DEFAULT_TARGET_LUFS, check_target
+
 DEFAULT_NEGATIVE_PROMPT = "noisy, harsh"
 OUTPUT_FORMATS = ("wav", "flac", "mp4")
+# Integrated loudness of what is written, in LUFS (EBU R128's -23; foleyserve.loudness says why).
+DEFAULT_LOUDNESS = DEFAULT_TARGET_LUFS
+BIT_DEPTHS = (16, 24)
 
 
 class RequestError(ValueError):
@@ -24,7 +29,10 @@ class GenerationRequest:
     <= 1 turns classifier-free guidance off) set the sampler; the same ``seed`` gives the same
     audio on every device and precision. ``output`` ending in .wav/.flac writes the audio, .mp4
     the video with the new sound (``keep_original_audio_gain`` mixes the video's own sound under
-    it). :meth:`validate` checks the fields; the engine calls it before any work.
+    it). ``loudness`` normalises what is written (and ``GenerationResult.output_waveform``) to that
+    integrated loudness in LUFS under a -1 dBTP true peak, ducking the Foley under a kept original;
+    None writes the model's raw output. ``bit_depth`` (16 or 24) sets .wav/.flac PCM depth (default:
+    32-bit float WAV, 24-bit FLAC). :meth:`validate` checks the fields; the engine calls it first.
     """
 
     video: str | Path | bytes
@@ -37,6 +45,10 @@ class GenerationRequest:
     output: str | Path | None = None
     # Mix the source video's own sound under the Foley at this linear gain (mp4 output only).
     keep_original_audio_gain: float | None = None
+    # Target integrated loudness in LUFS of what is written; None: off (the raw model output).
+    loudness: float | None = DEFAULT_LOUDNESS
+    # PCM bits of a .wav/.flac output (16 or 24); None: the format's default.
+    bit_depth: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`RequestError` naming the first field that cannot be used."""
@@ -64,6 +76,16 @@ class GenerationRequest:
                 raise RequestError("keep_original_audio_gain applies to .mp4 output only")
             if not 0.0 <= self.keep_original_audio_gain <= 4.0:
                 raise RequestError("keep_original_audio_gain must be between 0 and 4")
+        if self.loudness is not None:
+            try:
+                check_target(self.loudness)
+            except (TypeError, ValueError) as e:
+                raise RequestError(str(e)) from None
+        if self.bit_depth is not None:
+            if self.bit_depth not in BIT_DEPTHS or isinstance(self.bit_depth, bool):
+                raise RequestError(f"bit_depth must be 16 or 24, got {self.bit_depth!r}")
+            if self.output is None or Path(self.output).suffix.lower() not in (".wav", ".flac"):
+                raise RequestError("bit_depth applies to .wav and .flac output only (mp4 audio is AAC)")
 
 
 @dataclass
@@ -75,7 +97,9 @@ class GenerationResult:
     (a longer video than the model covers, the demo model's noise).
     """
 
-    waveform: torch.Tensor  # [1, T] float32 mono, in [-1, 1]
+    # [1, T] float32 mono: the decoder's raw output, before loudness (what caches keep and what
+    # the conformance checks compare)
+    waveform: torch.Tensor
     sample_rate: int
     audio_seconds: float
     video_seconds: float
@@ -87,3 +111,8 @@ class GenerationResult:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     model: str = ""
+    # The Foley as written: ``waveform`` normalised to the request's loudness (``waveform`` itself
+    # when loudness is off). A kept original is mixed into the mp4 only, not into this.
+    output_waveform: torch.Tensor | None = None
+    # What the loudness step measured and did (foleyserve.loudness.LoudnessReport); None when off.
+    loudness: Any = None
