@@ -137,6 +137,41 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, prompt: s
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same audio on any device")
 
 
+def parse_loudness(text: str) -> float | None:
+    """``--loudness`` value: a target in LUFS, or ``off`` (None: write the raw model output)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a loudness: give LUFS like -23 or -14, or 'off'") from None
+
+
+def add_level_args(p: argparse.ArgumentParser) -> None:
+    """``--loudness`` and ``--bit-depth`` (generate, demo, batch)."""
+    from foleyserve.loudness import DEFAULT_TARGET_LUFS, DEFAULT_TRUE_PEAK_DBTP
+
+    p.add_argument(
+        "--loudness", type=parse_loudness, default=DEFAULT_TARGET_LUFS, metavar="LUFS|off",
+        help=f"integrated loudness of the output (default {DEFAULT_TARGET_LUFS:g}, EBU R128; -14 or -16 for web), "
+             f"true peak under {DEFAULT_TRUE_PEAK_DBTP:g} dBTP; 'off' writes the raw model output",
+    )
+    p.add_argument("--bit-depth", type=int, choices=(16, 24), help="PCM bits of a .wav/.flac output (default: 32-bit float WAV, 24-bit FLAC)")
+
+
+def check_level_args(args: argparse.Namespace, fmt: str) -> None:
+    """Refuse ``--loudness``/``--bit-depth`` values that cannot apply to output format ``fmt``."""
+    from foleyserve.loudness import check_target
+
+    if args.loudness is not None:
+        try:
+            check_target(args.loudness)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
+    if args.bit_depth is not None and fmt not in ("wav", "flac"):
+        raise UsageError(f"--bit-depth applies to wav and flac output, not {fmt} (its audio is AAC)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -153,6 +188,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
+    add_level_args(p)
     _add_sampling_args(p)
     _add_engine_args(p)
     p.set_defaults(run=_run_generate)
@@ -172,6 +208,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("out/sample_foley.mp4"), help="output file (default out/sample_foley.mp4)")
     p.add_argument("--video", type=Path, help="use this video instead of the bundled sample")
     p.add_argument("--precision", default=None, help=f"override the demo's precision: {', '.join(_PRECISIONS)}")
+    add_level_args(p)
     _add_sampling_args(p, steps=DEMO_STEPS, prompt=DEMO_PROMPT)
     p.set_defaults(run=_run_demo)
 
@@ -349,6 +386,7 @@ def _request(args: argparse.Namespace, video: Path, out: Path, gain: float | Non
     return GenerationRequest(
         video=video, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, seed=args.seed, output=out, keep_original_audio_gain=gain,
+        loudness=args.loudness, bit_depth=args.bit_depth,
     )
 
 

@@ -3,7 +3,7 @@
 Each row becomes one job; rows that can share a denoising loop do (see
 :mod:`foleyserve.runtime.batcher`). A row's output is named by its ``id`` column when the CSV has
 one, else by a short hash of everything that decides the output (the video's path, size and
-modification time, both prompts, seed, steps, guidance, format) — never by its row number. Every
+modification time, both prompts, seed, steps, guidance, format, loudness, bit depth) — never by its row number. Every
 finished row, good or failed, is appended to ``OUT_DIR/manifest.jsonl`` with the hash of its
 inputs; a rerun skips a row whose last record succeeded with the same inputs and whose file is
 there. So reordering the CSV reuses every result, and editing a row (or replacing its video)
@@ -31,6 +31,8 @@ from foleyserve.cli import (
     UsageError,
     _add_engine_args,
     _check_writable,
+    add_level_args,
+    check_level_args,
     _generation_errors,
     check_before_loading,
     engine_config_from_args,
@@ -103,6 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps for rows without a 'steps' value (default 50)")
     p.add_argument("--guidance", type=float, default=4.5, help="guidance scale for rows without a 'guidance' value (default 4.5)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without a 'seed' value (default 0)")
+    add_level_args(p)
     _add_engine_args(p)
     p.set_defaults(run=run)
 
@@ -159,6 +162,8 @@ def _inputs(args: argparse.Namespace, values: dict[str, str]) -> dict[str, Any]:
         "steps": _number(values, "steps", int, args.steps),
         "guidance": _number(values, "guidance", float, args.guidance),
         "format": args.format,
+        "loudness": args.loudness,
+        "bit_depth": args.bit_depth,
     }
     try:
         # Size and modification time stand in for the content: a replaced video is a new input.
@@ -234,6 +239,7 @@ def _plan(args: argparse.Namespace, rows: list[tuple[int, dict[str, str]]]) -> t
         row.request = GenerationRequest(
             video=Path(inputs["video"]), prompt=inputs["prompt"], negative_prompt=inputs["negative_prompt"],
             seed=inputs["seed"], steps=inputs["steps"], guidance=inputs["guidance"], output=row.partial,
+            loudness=args.loudness, bit_depth=args.bit_depth,
         )
     return todo, skipped
 
@@ -304,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.max_wait_ms < 0:
         raise UsageError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
+    check_level_args(args, args.format)
     if args.cache not in (None, "off", "memory", "disk") and not str(args.cache).startswith(("redis://", "rediss://")):
         raise UsageError(f"--cache {args.cache}: use off, memory, disk or redis://HOST:PORT/DB")
     if args.cache not in (None, "off"):
