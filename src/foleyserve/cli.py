@@ -191,6 +191,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     add_level_args(p)
     _add_sampling_args(p)
     _add_engine_args(p)
+    from foleyserve.commands.generate_options import add_generate_options
+
+    add_generate_options(p)  # --auto, text to audio, variations
     p.set_defaults(run=_run_generate)
 
 
@@ -415,6 +418,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"`generate --csv` is now `foleyserve batch {args.csv} --out-dir DIR` (the same columns, plus an optional "
             f"'id'; resumable); see `foleyserve batch --help`"
         )
+    from foleyserve.commands.generate_options import resolve_generate_args
+
+    resolve_generate_args(args)  # --auto's choices (printed) where no flag was given
     if args.video is None:
         raise UsageError("no input: pass a VIDEO file (for a CSV of jobs, use `foleyserve batch JOBS.csv --out-dir DIR`)")
     check_input_file(args.video)

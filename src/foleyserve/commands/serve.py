@@ -50,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model-dir", type=Path, help="folder with the official HunyuanVideo-Foley files")
     src.add_argument("--demo", action="store_true", default=None, help="tiny random-weight model (output is noise; no download)")
     p.add_argument("--profile", metavar="NAME|PATH", help="deployment profile: realtime, batch, edge, cloud, or a YAML file")
+    p.add_argument("--auto", action="store_true", help="choose model, precision, offload, batch size and step cache for this machine (the auto profile); flags win")
     p.add_argument("--model", choices=MODEL_SIZES, help="which denoiser of the model folder (default xxl)")
     p.add_argument("--precision", help=f"denoiser precision: {', '.join(PRECISION_NAMES)} (default bf16)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -87,6 +88,8 @@ def configs_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
             engine, server = EngineConfig(), ServerConfig()
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "auto", False) or args.profile == "auto":
+        engine, server = _auto(engine, server, args)
 
     if args.model_dir is not None:
         engine = replace(engine, model_dir=args.model_dir, demo=False)
@@ -117,6 +120,20 @@ def configs_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
     if engine.model_dir is not None and not Path(engine.model_dir).is_dir():
         raise UsageError(f"model folder {engine.model_dir} does not exist; pass the folder with the official HunyuanVideo-Foley files")
     return engine, server
+
+
+def _auto(engine: EngineConfig, server: "ServerConfig", args: argparse.Namespace) -> tuple[EngineConfig, "ServerConfig"]:
+    """The machine's settings (foleyserve.autoconfig) for the longest clip, printed with their reasons;
+    the flags applied after this still win."""
+    from foleyserve.autoconfig import available_models, choose, gather_facts
+
+    device = args.device or "auto"
+    decision = choose(gather_facts(device), models=available_models(args.model_dir or engine.model_dir), device=device)
+    print(f"foleyserve: {decision.describe()}", file=sys.stderr)
+    if args.demo:
+        print("foleyserve: --auto decides for the real model; the demo model keeps its own settings", file=sys.stderr)
+        return engine, server
+    return decision.apply(engine), replace(server, max_batch_size=decision.batch_size)
 
 
 def _profile_sets(profile: str | None, key: str) -> bool:

@@ -1,0 +1,116 @@
+"""`foleyserve generate` beyond one video -> one file: ``--auto`` (settings for the machine), text
+to audio (no VIDEO, ``--duration``), variations (``--num-samples`` / ``--seeds``) and ``--best-of``.
+
+Kept out of cli.py so that file stays small; cli.py calls :func:`add_generate_options` when it
+builds the parser and :func:`resolve_generate_args` first thing in ``_run_generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from foleyserve.cli import UsageError
+
+# Engine flags that --auto decides; a flag given explicitly keeps its value. The parser's defaults
+# for these are None (set below) so an explicit value can be told from the default.
+AUTO_FIELDS = ("model", "precision", "offload", "device", "step_cache")
+PLAIN_DEFAULTS = {"model": "xxl", "offload": "none"}
+MAX_SAMPLES = 16
+
+
+def add_generate_options(p: argparse.ArgumentParser) -> None:
+    """Declare ``--auto``, ``--duration`` (if not declared yet), ``--num-samples``, ``--seeds``, ``--best-of``, ``--rank``."""
+    p.add_argument("--auto", action="store_true",
+                   help="choose model size, precision, offload and step cache for this machine and clip, and say why; flags given explicitly win")
+    if not any("--duration" in a.option_strings for a in p._actions):
+        p.add_argument("--duration", type=float, metavar="SECONDS",
+                       help="without a VIDEO: text to audio of this many seconds (0.64-15), from --prompt alone")
+    p.add_argument("--num-samples", type=int, metavar="N",
+                   help="N variations in one batch, seeds SEED..SEED+N-1; each written as NAME_seed{S}.EXT")
+    p.add_argument("--seeds", metavar="S1,S2,...", help="variations with these seeds (instead of --seed / --num-samples)")
+    p.add_argument("--best-of", type=int, metavar="N", help="generate N variations and keep the best by --rank (needs foleyserve.scoring)")
+    p.add_argument("--rank", default="desync,clap", metavar="MEASURES", help="what --best-of ranks by (default desync,clap)")
+    p.set_defaults(model=None, offload=None)
+
+
+def seeds_from_args(args: argparse.Namespace) -> list[int] | None:
+    """The variation seeds the flags ask for, or None for a single sample (``--seed``)."""
+    given = [name for name in ("num_samples", "seeds", "best_of") if getattr(args, name, None) is not None]
+    if len(given) > 1:
+        raise UsageError(f"--{given[0].replace('_', '-')} and --{given[1].replace('_', '-')} do not combine; pass one")
+    if getattr(args, "seeds", None) is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SAMPLES:
+            raise UsageError(f"--seeds needs 1 to {MAX_SAMPLES} different seeds, got {args.seeds!r}")
+        return seeds
+    n = getattr(args, "num_samples", None) or getattr(args, "best_of", None)
+    if n is None:
+        return None
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UsageError(f"--num-samples/--best-of must be 1 to {MAX_SAMPLES}, got {n}")
+    return [args.seed + i for i in range(n)]
+
+
+def check_best_of(args: argparse.Namespace) -> None:
+    """``--best-of`` needs the scorers; until :mod:`foleyserve.scoring` exists it says so."""
+    if getattr(args, "best_of", None) is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("foleyserve.scoring") is None:
+        raise UsageError("--best-of needs foleyserve.scoring (DeSync and CLAP ranking), which this install does not have; "
+                         "use --num-samples N and listen, or update foleyserve")
+
+
+def resolve_generate_args(args: argparse.Namespace) -> None:
+    """Fill the engine flags: from ``--auto`` (printed with its reasons on stderr) where not given
+    explicitly, else the plain defaults. Also checks the text-to-audio and variation flags."""
+    seeds_from_args(args)
+    check_best_of(args)
+    if getattr(args, "video", None) is None and getattr(args, "duration", None) is None and getattr(args, "csv", None) is None:
+        raise UsageError("no input: pass a VIDEO file, or --duration SECONDS for text to audio "
+                         "(for a CSV of jobs, use `foleyserve batch JOBS.csv --out-dir DIR`)")
+    if getattr(args, "auto", False):
+        from foleyserve.autoconfig import available_models, choose, gather_facts
+
+        if args.demo:
+            print("foleyserve: --auto decides for the real model; the demo model keeps its own settings", file=sys.stderr)
+        decision = choose(gather_facts(args.device or "auto"), clip_seconds=_clip_seconds(args),
+                          models=available_models(args.model_dir), device=args.device or "auto")
+        print(f"foleyserve: {decision.describe()}", file=sys.stderr)
+        explicit = {k for k in AUTO_FIELDS if getattr(args, k, None) is not None and not (k == "device" and args.device == "auto")}
+        if explicit:
+            print(f"foleyserve: kept as given: {', '.join('--' + k.replace('_', '-') for k in sorted(explicit))}", file=sys.stderr)
+        if not args.demo:
+            for k, v in decision.engine_values().items():
+                if k not in explicit:
+                    setattr(args, k, v)
+    for k, v in PLAIN_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def _clip_seconds(args: argparse.Namespace) -> float:
+    if getattr(args, "duration", None) is not None:
+        return float(args.duration)
+    video: Path | None = getattr(args, "video", None)
+    if video is not None:
+        try:
+            from foleyserve import media
+
+            seconds = media.probe(video).duration
+            if seconds:
+                return float(seconds)
+        except Exception:  # noqa: BLE001 - the checks before loading report a bad video
+            pass
+    return 15.04
+
+
+def sample_path(out: Path, seed: int) -> Path:
+    """Where variation ``seed`` of ``out`` is written: NAME_seed{S}.EXT beside it."""
+    return out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
