@@ -156,3 +156,25 @@ def sample_clip_path() -> Path:
     from importlib.resources import files
 
     return Path(str(files("foleyserve") / "assets" / "sample.mp4"))
+
+
+def demo_scorers(components: Components | None = None, *, device: torch.device | str = "cpu", seed: int = 0):
+    """Tiny random-weight scorers (DeSync + CLAP) matching the demo model; their scores are noise.
+
+    ``components`` (the demo engine's) shares its Synchformer visual branch and CLAP text tower;
+    without it they are built as :func:`demo_components` builds them.
+    """
+    from foleyserve.models.clap_audio import build_clap_audio, clap_feature_extractor, tiny_clap_audio_config
+    from foleyserve.models.sync_scorer import build_sync_scorer, tiny_sync_scorer_config
+    from foleyserve.scoring import Scorers
+
+    dev = torch.device(device)
+    comps = components if components is not None else demo_components(dev, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    scorer = randomize_(build_sync_scorer(tiny_sync_scorer_config(FEATURE_DIM)), gen).to(dev).eval()
+    projection = int(comps.clap.config.projection_dim)
+    clap_audio = build_clap_audio(tiny_clap_audio_config(projection), seed=seed + 3, device=dev)
+    return Scorers(
+        sync_visual=comps.synchformer, sync_scorer=scorer, clap_text=comps.clap, tokenizer=comps.tokenizer,
+        clap_audio=clap_audio, clap_features=clap_feature_extractor(None), device=dev, is_demo=True,
+    )
