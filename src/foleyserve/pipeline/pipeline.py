@@ -17,6 +17,7 @@ from foleyserve import media
 from foleyserve.config import EngineConfig
 # Re-exported: Components lived here before it moved out to break the loaders' import circle.
 from foleyserve.pipeline.components import Components
+from foleyserve.pipeline import longform
 from foleyserve.pipeline.features import (
     TextFeatures,
     VisualFeatures,
@@ -412,7 +413,11 @@ class Engine:
         :class:`~foleyserve.pipeline.requests.RequestError` for a bad request,
         :class:`~foleyserve.media.MediaError` for an unusable video, and
         :class:`~foleyserve.models.encoders.PromptTooLongError` for a prompt CLAP cannot encode.
+        A video (or ``start``/``duration`` range) over 15 s runs in windows: ``longform.generate``.
         """
+        plan = longform.plan_for(request)
+        if plan is not None:
+            return longform.generate(self, request, progress, plan=plan)
         job = self.prepare(request, progress=progress)
         latents = self.sample_jobs([job], progress=progress)[0]
         return self.finish(job, latents)
@@ -431,7 +436,7 @@ class Engine:
         request.validate()
         timer = StageTimer(self.device)
         if decoded is None:
-            decoded = self.decode(request.video, timer, progress)
+            decoded = self.decode(request.video, timer, progress, max_seconds=request.duration or MAX_SECONDS)
         if visual is None:
             visual = self.encode_visual(decoded, timer, progress)
         else:  # cached features come back on the host
@@ -560,10 +565,11 @@ class Engine:
         if self.components.is_demo:
             warnings.append("demo model: random weights, the audio is noise (use --model-dir for the real model)")
         covered = audio.shape[-1] / self.sample_rate
-        if decoded.duration > MAX_SECONDS + 0.05:
+        if decoded.duration > max(MAX_SECONDS, covered) + 0.05:  # a single clip cut at 15 s (duration <= 15)
             warnings.append(
-                f"the video is {decoded.duration:.2f} s long but HunyuanVideo-Foley generates at most "
-                f"{MAX_SECONDS + 0.04:.2f} s: the audio covers 0-{covered:.2f} s and the rest of the video is silent"
+                f"the video is {decoded.duration:.2f} s long but one clip covers at most {MAX_SECONDS + 0.04:.2f} s: "
+                f"the audio covers 0-{covered:.2f} s and the rest of the video is silent (leave duration unset "
+                f"for full-length audio)"
             )
         elif decoded.duration > covered + 0.05:
             # A short gap is the official frame/latent rounding; a longer one, a trimmed decode.

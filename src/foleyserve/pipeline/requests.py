@@ -33,6 +33,8 @@ class GenerationRequest:
     integrated loudness in LUFS under a -1 dBTP true peak, ducking the Foley under a kept original;
     None writes the model's raw output. ``bit_depth`` (16 or 24) sets .wav/.flac PCM depth (default:
     32-bit float WAV, 24-bit FLAC). :meth:`validate` checks the fields; the engine calls it first.
+    ``start``/``duration`` select a time range of the video (default: all of it; over 15 s runs
+    in overlapping windows, see :mod:`foleyserve.pipeline.longform`).
     """
 
     video: str | Path | bytes
@@ -45,6 +47,10 @@ class GenerationRequest:
     output: str | Path | None = None
     # Mix the source video's own sound under the Foley at this linear gain (mp4 output only).
     keep_original_audio_gain: float | None = None
+    # The time range to score, in seconds of the video: [start, start + duration), None = to the end.
+    # Ranges over 15 s run in windows (pipeline/longform.py).
+    start: float = 0.0
+    duration: float | None = None
     # Target integrated loudness in LUFS of what is written; None: off (the raw model output).
     loudness: float | None = DEFAULT_LOUDNESS
     # PCM bits of a .wav/.flac output (16 or 24); None: the format's default.
@@ -65,6 +71,12 @@ class GenerationRequest:
             raise RequestError(f"guidance must be between 0 and 100, got {self.guidance!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise RequestError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)) or not 0.0 <= self.start < 1e7:
+            raise RequestError(f"start must be a number of seconds >= 0, got {self.start!r}")
+        if self.duration is not None and (
+            isinstance(self.duration, bool) or not isinstance(self.duration, (int, float)) or not 0.0 < self.duration < 1e7
+        ):
+            raise RequestError(f"duration must be a positive number of seconds (or None: to the end), got {self.duration!r}")
         if self.output is not None:
             suffix = Path(self.output).suffix.lower().lstrip(".")
             if suffix not in OUTPUT_FORMATS:
@@ -92,9 +104,10 @@ class GenerationRequest:
 class GenerationResult:
     """What a generation produced: the audio, where it was written, and what it cost.
 
-    ``audio_seconds`` is what the model covers (at most 15.04 s); ``video_seconds`` the whole
-    video. ``timings`` and ``memory`` are per stage; ``warnings`` say what the caller should know
-    (a longer video than the model covers, the demo model's noise).
+    ``audio_seconds`` is what the audio covers (the video, or the range asked for; a range from 0
+    of at most 15 s keeps the official 15.04 s rule); ``video_seconds`` the whole video.
+    ``timings`` and ``memory`` are per stage; ``warnings`` say what the caller should know (the
+    demo model's noise, a range that leaves part of an mp4 without Foley).
     """
 
     # [1, T] float32 mono: the decoder's raw output, before loudness (what caches keep and what
