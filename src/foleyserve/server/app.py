@@ -35,7 +35,8 @@ from starlette.concurrency import run_in_threadpool
 
 from foleyserve.config import EngineConfig
 from foleyserve.pipeline.pipeline import MAX_SECONDS
-from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT, RequestError
+from foleyserve.loudness import DEFAULT_TRUE_PEAK_DBTP, MAX_TARGET_LUFS, MIN_TARGET_LUFS
+from foleyserve.pipeline.requests import BIT_DEPTHS, DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT, RequestError
 from foleyserve.server.admission import CLIENT_ID_HEADER, admission_refusal, client_id, key_refusal, storage_refusal
 from foleyserve.server.docs import mount_docs
 from foleyserve.server.errors import (
@@ -189,10 +190,13 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "seed": [0, MAX_SEED], "wait_seconds": [0, MAX_WAIT_S], "outputs": list(OUTPUTS),
                 # Seconds of video that get sound; the rest of a longer clip stays silent.
                 "max_video_seconds": MAX_SECONDS,
+                "loudness": [MIN_TARGET_LUFS, MAX_TARGET_LUFS], "bit_depths": list(BIT_DEPTHS),
             },
             "defaults": {
                 "steps": config.default_steps, "guidance": config.default_guidance, "seed": 0,
                 "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "output": "mp4", "priority": config.default_priority,
+                # LUFS (loudness=off: the raw model output); the true peak is a fixed ceiling in dBTP.
+                "loudness": DEFAULT_LOUDNESS, "true_peak": DEFAULT_TRUE_PEAK_DBTP, "bit_depth": None,
             },
             "auth": bool(config.api_key),
             # The web page warns before the first run that the demo model's audio is noise.

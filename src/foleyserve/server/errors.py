@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from foleyserve import media
+from foleyserve.loudness import MAX_TARGET_LUFS, MIN_TARGET_LUFS
 from foleyserve.pipeline.requests import RequestError
 from foleyserve.server.settings import ServerConfig
 
@@ -72,6 +73,8 @@ def param_rules(config: ServerConfig) -> dict[str, str]:
         "output": "one of mp4, wav, flac",
         "priority": "interactive or bulk",
         "keep_original_audio": "a number from 0 to 4 (mp4 output only)",
+        "loudness": f"a target in LUFS from {MIN_TARGET_LUFS:g} to {MAX_TARGET_LUFS:g}, or off",
+        "bit_depth": "16 or 24 (wav and flac output only)",
         "wait": f"a number of seconds from 0 to {MAX_WAIT_S:g}",
         "limit": "an integer from 1 to 100",
     }

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Optional
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from foleyserve.pipeline.requests import DEFAULT_NEGATIVE_PROMPT
+from foleyserve.loudness import DEFAULT_TRUE_PEAK_DBTP, MAX_TARGET_LUFS, MIN_TARGET_LUFS
+from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT
 from foleyserve.server.errors import MAX_SEED, ApiError
 from foleyserve.server.settings import ServerConfig
 from foleyserve.server.storage import describe_storage_error, is_storage_error
 
 FILE_FIELD = "video"
-TEXT_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "output", "priority", "keep_original_audio")
+TEXT_FIELDS = (
+    "prompt", "negative_prompt", "steps", "guidance", "seed", "output", "priority", "keep_original_audio", "loudness", "bit_depth",
+)
 # Fields where an empty value is a real value (an empty prompt is allowed); for the others an
 # empty value is a client bug that used to mean "the default".
 EMPTY_ALLOWED = ("prompt", "negative_prompt")
@@ -224,6 +227,15 @@ def form_model(config: ServerConfig) -> type[BaseModel]:
         output=(Literal["mp4", "wav", "flac"], Field("mp4", description="mp4 (the video with the new sound), wav or flac")),
         priority=(Optional[Literal["interactive", "bulk"]], Field(None, description=f"Queue class (default {config.default_priority})")),
         keep_original_audio=(Optional[float], Field(None, ge=0.0, le=4.0, allow_inf_nan=False, description="Mix the video's own sound under the Foley at this gain (mp4 only)")),
+        loudness=(
+            Union[Annotated[float, Field(ge=MIN_TARGET_LUFS, le=MAX_TARGET_LUFS, allow_inf_nan=False)], Literal["off"]],
+            Field(DEFAULT_LOUDNESS, description=(
+                f"Integrated loudness of the output in LUFS (default {DEFAULT_LOUDNESS:g}, EBU R128; -14 or -16 for web), "
+                f"true peak under {DEFAULT_TRUE_PEAK_DBTP:g} dBTP; a kept original is ducked under and the mix normalised; "
+                f"off: the raw model output")),
+        ),
+        # Strings: a form field is text, and a Literal of ints refuses "16".
+        bit_depth=(Optional[Literal["16", "24"]], Field(None, description="PCM bits of wav/flac output (default: 32-bit float wav, 24-bit flac)")),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from foleyserve import media
 from foleyserve.config import EngineConfig
-from foleyserve.pipeline.requests import GenerationRequest, RequestError
+from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, GenerationRequest, RequestError
 from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
 from foleyserve.server.settings import ServerConfig
@@ -412,7 +412,9 @@ class Service:
             # Players and the web page want the audio on its own; writing it now costs a few ms
             # and spares the download route from demuxing AAC.
             wav = self.store.result_path(f"{rec.id}.wav")
-            media.write_audio(wav, result.waveform, result.sample_rate)
+            # The Foley at the job's loudness, like the mp4 (without a kept original's mix).
+            audio = result.output_waveform if result.output_waveform is not None else result.waveform
+            media.write_audio(wav, audio, result.sample_rate)
             files["audio"] = wav.name
         checksums = {n: file_digest(self.store.result_path(n)) for n in files.values()}
         return {
@@ -459,6 +461,9 @@ class Service:
             guidance=float(p["guidance"]), seed=int(p["seed"]),
             output=self.store.result_path(f"{rec.id}.{p['output']}"),
             keep_original_audio_gain=p.get("keep_original_audio"),
+            # Jobs stored before these fields existed get the defaults.
+            loudness=None if p.get("loudness", DEFAULT_LOUDNESS) == "off" else float(p.get("loudness", DEFAULT_LOUDNESS)),
+            bit_depth=int(p["bit_depth"]) if p.get("bit_depth") else None,
         )
 
     def body(self, rec: JobRecord, root: str = "") -> dict[str, Any]:
