@@ -418,20 +418,19 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"`generate --csv` is now `foleyserve batch {args.csv} --out-dir DIR` (the same columns, plus an optional "
             f"'id'; resumable); see `foleyserve batch --help`"
         )
-    from foleyserve.commands.generate_options import resolve_generate_args
+    from foleyserve.commands import generate_options as extra
 
-    resolve_generate_args(args)  # --auto's choices (printed) where no flag was given
-    if args.video is None:
-        raise UsageError("no input: pass a VIDEO file (for a CSV of jobs, use `foleyserve batch JOBS.csv --out-dir DIR`)")
-    check_input_file(args.video)
-    out = args.out or args.video.with_name(args.video.stem + "_foley.mp4")
+    extra.resolve_generate_args(args)  # --auto's choices (printed) where no flag was given; VIDEO or --duration
+    if args.video is not None:
+        check_input_file(args.video)
+    out = extra.default_output(args)
     _check_output(out)
-    request = _request(args, args.video, out, gain=args.keep_original_audio)
+    request = extra.complete_request(_request(args, args.video, out, gain=args.keep_original_audio), args)
     _validate(request)  # first: it needs no model code imported, so a bad flag fails fastest
     config = engine_config_from_args(args)
     check_before_loading(config, [request])
-    result = _run_one(load_engine(config), request)
-    print(_summary(result))
+    for result in extra.run_requested(load_engine(config), request, args, _run_one):  # several with --num-samples
+        print(_summary(result))
     return EXIT_OK
 
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from foleyserve.cli import UsageError
+
+if TYPE_CHECKING:
+    from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.pipeline.requests import GenerationRequest, GenerationResult
 
 # Engine flags that --auto decides; a flag given explicitly keeps its value. The parser's defaults
 # for these are None (set below) so an explicit value can be told from the default.
@@ -111,6 +116,37 @@ def _clip_seconds(args: argparse.Namespace) -> float:
     return 15.04
 
 
-def sample_path(out: Path, seed: int) -> Path:
-    """Where variation ``seed`` of ``out`` is written: NAME_seed{S}.EXT beside it."""
-    return out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
+def default_output(args: argparse.Namespace) -> Path:
+    """``--out`` when given; else VIDEO_foley.mp4 beside the video, or foley.wav for text to audio."""
+    if args.out is not None:
+        return args.out
+    if args.video is None:
+        return Path("foley.wav")
+    return args.video.with_name(args.video.stem + "_foley.mp4")
+
+
+def complete_request(request: "GenerationRequest", args: argparse.Namespace) -> "GenerationRequest":
+    """The request with what these options add: the duration of a text-to-audio request."""
+    from dataclasses import replace
+
+    if request.video is None and getattr(args, "duration", None) is not None:
+        return replace(request, duration=args.duration)
+    return request
+
+
+def run_requested(engine: "Engine", request: "GenerationRequest", args: argparse.Namespace,
+                  run_one: "Callable[[Engine, GenerationRequest], GenerationResult]") -> "list[GenerationResult]":
+    """One result, or one per variation seed (``--num-samples`` / ``--seeds``), in one batch."""
+    seeds = seeds_from_args(args)
+    if seeds is None:
+        return [run_one(engine, request)]
+    from foleyserve.cli import _generation_errors, _Progress
+    from foleyserve.pipeline.variations import generate_variations
+
+    progress = _Progress()
+    try:
+        return generate_variations(engine, request, seeds, progress=progress)
+    except _generation_errors() as err:
+        raise UsageError(str(err)) from None
+    finally:
+        progress.close()

@@ -29,6 +29,7 @@ from foleyserve.pipeline.mastering import master
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.sampler import initial_noise, sample_latents
 from foleyserve.pipeline.stepcache import StepCache
+from foleyserve.pipeline import textonly
 
 if TYPE_CHECKING:
     from foleyserve.pipeline.stepgraph import StepGraphs
@@ -320,13 +321,15 @@ class Engine:
 
     def decode(
         self,
-        video: str | Path | bytes,
+        video: str | Path | bytes | None,
         timer: StageTimer | None = None,
         progress: ProgressFn | None = None,
         *,
         max_seconds: float = MAX_SECONDS,
     ) -> media.DecodedVideo:
         """Decode the frames both visual encoders consume (8 and 25 fps), checking there are enough."""
+        if video is None:  # text to audio: no frames, only the length (pipeline/textonly.py)
+            return textonly.no_video_clip(max_seconds)
         timer = timer or StageTimer(self.device)
         report = progress or (lambda _stage, _done, _total: None)
         with timer.stage("decode"):
@@ -340,6 +343,8 @@ class Engine:
         self, decoded: media.DecodedVideo, timer: StageTimer | None = None, progress: ProgressFn | None = None
     ) -> VisualFeatures:
         """SigLIP2 and Synchformer features of decoded frames."""
+        if isinstance(decoded, textonly.NoVideoClip):  # the learned empty features stand in for a video
+            return textonly.empty_visual(self.components.dit, decoded.seconds, self.device)
         timer = timer or StageTimer(self.device)
         report = progress or (lambda _stage, _done, _total: None)
         c = self.components

@@ -37,7 +37,7 @@ class GenerationRequest:
     in overlapping windows, see :mod:`foleyserve.pipeline.longform`).
     """
 
-    video: str | Path | bytes
+    video: str | Path | bytes | None  # None: text to audio of ``duration`` seconds (pipeline/textonly.py)
     prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     steps: int = 50
@@ -58,7 +58,9 @@ class GenerationRequest:
 
     def validate(self) -> None:
         """Raise :class:`RequestError` naming the first field that cannot be used."""
-        if isinstance(self.video, (str, Path)):
+        if self.video is None:  # text to audio: the learned empty visual features stand in
+            _check_text_only(self)
+        elif isinstance(self.video, (str, Path)):
             if not str(self.video):
                 raise RequestError("no video given: pass a video file path or its bytes")
         elif not isinstance(self.video, (bytes, bytearray)) or not self.video:
@@ -98,6 +100,23 @@ class GenerationRequest:
                 raise RequestError(f"bit_depth must be 16 or 24, got {self.bit_depth!r}")
             if self.output is None or Path(self.output).suffix.lower() not in (".wav", ".flac"):
                 raise RequestError("bit_depth applies to .wav and .flac output only (mp4 audio is AAC)")
+
+
+# Text to audio: Synchformer's 16 frames at 25 fps at least; one model window at most.
+TEXT_ONLY_SECONDS = (0.64, 15.0)
+
+
+def _check_text_only(request: GenerationRequest) -> None:
+    low, high = TEXT_ONLY_SECONDS
+    d = request.duration
+    if d is None or isinstance(d, bool) or not isinstance(d, (int, float)) or not low <= d <= high:
+        raise RequestError(f"without a video, give duration: the seconds of audio to make, {low:g} to {high:g}, got {d!r}")
+    if request.start:
+        raise RequestError("start applies to a video; without one, leave it at 0")
+    if request.output is not None and Path(request.output).suffix.lower() == ".mp4":
+        raise RequestError("without a video there is nothing to put the sound in: write .wav or .flac")
+    if request.keep_original_audio_gain is not None:
+        raise RequestError("keep_original_audio_gain needs a video with sound; there is no video")
 
 
 @dataclass
