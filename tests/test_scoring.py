@@ -181,3 +181,46 @@ def test_rank_orders_by_desync_then_clap_with_missing_last():
     assert best["index"] == 3
     with pytest.raises(ValueError):
         rank(cands, by=("loudness",))
+
+
+# ----------------------------------------------------------------------------------- demo, CLI
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from foleyserve.pipeline.demo import demo_scorers
+
+    return demo_scorers()
+
+
+def test_score_candidates_with_engine_sync_features(demo):
+    from foleyserve.scoring import score_candidates
+
+    g = torch.Generator().manual_seed(2)
+    sync_feat = torch.randn(1, 8 * 17, 32, generator=g)  # the engine's features of a 6 s clip
+    wavs = 0.1 * torch.randn(3, 1, 48000 * 6, generator=g)  # dac.decode's [N, 1, n]
+    scores = score_candidates(demo, None, wavs, "footsteps on gravel", sync_feat=sync_feat)
+    assert [s["index"] for s in scores] == [0, 1, 2]
+    for s in scores:
+        assert all(any(abs(o - g) < 1e-6 for g in offset_grid().tolist()) for o in s["offsets_sec"])
+        assert s["desync"] == pytest.approx(sum(abs(o) for o in s["offsets_sec"]) / 2)
+        assert len(s["offsets_sec"]) == 2 and -1 <= s["clap"] <= 1
+    # Scoring one at a time gives the same numbers as the batch.
+    (one,) = score_candidates(demo, None, wavs[1], "footsteps on gravel", sync_feat=sync_feat)
+    assert one["desync"] == scores[1]["desync"] and one["clap"] == pytest.approx(scores[1]["clap"], abs=1e-5)
+    best, ranked = rank(scores)
+    assert best["rank"] == 0 and len(ranked) == 3
+
+
+def test_cli_score_demo_json(tmp_path, capsys):
+    from foleyserve.cli import main
+    from foleyserve.media import write_audio
+    from foleyserve.pipeline.demo import sample_clip_path
+
+    wav = tmp_path / "a.wav"
+    write_audio(wav, 0.1 * np.random.default_rng(0).standard_normal(48000 * 4).astype(np.float32))
+    assert main(["score", str(sample_clip_path()), str(wav), "--prompt", "rain", "--demo", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["desync_sec"] is None  # the 3.96 s sample is shorter than one 4.8 s window
+    assert -1 <= out["clap"] <= 1 and out["demo"] is True
+    assert main(["score", str(sample_clip_path()), str(tmp_path / "missing.wav"), "--prompt", "x", "--demo"]) == 2

@@ -461,7 +461,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo, _add_convert]
 # Larger commands live in foleyserve/commands/<name>.py, each with add_parser(sub) that sets
 # ``run`` (a function of the parsed args returning an exit code; it may raise UsageError).
-_COMMAND_MODULES = ("serve", "batch", "profile", "fidelity")
+_COMMAND_MODULES = ("serve", "batch", "profile", "fidelity", "score")
 
 
 # What each command needs beyond the core dependencies, and the extra that installs it.

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from foleyserve.models.sync_scorer import (
     SAMPLE_RATE as SYNC_RATE,
-    WINDOW_SEGMENTS,
+    SyncMelFrontEnd,
     SyncScorer,
     offset_grid,
     resample,
@@ -146,12 +146,16 @@ def desync_score(
     (the engine's [1, 8*S, D] visual sync features, the same numbers) and None here.
     """
     batch = _as_batch(waveforms)
-    vfeat = _visual_tokens(scorers, frames_25fps, sync_feat)
+    none = [{"desync": None, "offsets_sec": None, "logits": None} for _ in range(batch.shape[0])]
     wav16 = resample(batch, sample_rate, SYNC_RATE).to(scorers.device)
+    # Too short for one 14-segment window: skip both branches (seconds of work on a long video).
+    if SyncMelFrontEnd.num_segments(wav16.shape[-1]) < scorers.sync_scorer.cfg.segments:
+        return none
+    vfeat = _visual_tokens(scorers, frames_25fps, sync_feat)
     afeat = scorers.sync_scorer.audio_features(wav16)
     res = desync_from_features(scorers.sync_scorer, vfeat.expand(batch.shape[0], -1, -1, -1), afeat)
     if res["desync"] is None:
-        return [{"desync": None, "offsets_sec": None, "logits": None} for _ in range(batch.shape[0])]
+        return none
     return [
         {"desync": float(res["desync"][i]), "offsets_sec": [float(x) for x in res["offsets_sec"][i]], "logits": res["logits"][i]}
         for i in range(batch.shape[0])
