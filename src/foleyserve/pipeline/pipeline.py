@@ -584,7 +584,8 @@ class Engine:
                 f"{decoded.duration - covered:.2f} s are silent{why}"
             )
         files: list[Path] = []
-        with timer.stage("write"):  # loudness included: it only shapes what is written
+        # Loudness is timed with the write; with nothing to write, as its own stage.
+        with timer.stage("write" if request.output is not None else "loudness"):
             mastered = master(request, audio, self.sample_rate)  # `audio` itself stays raw
             if request.output is not None:
                 out = Path(request.output)
