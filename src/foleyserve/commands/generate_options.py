@@ -62,14 +62,16 @@ def seeds_from_args(args: argparse.Namespace) -> list[int] | None:
 
 
 def check_best_of(args: argparse.Namespace) -> None:
-    """``--best-of`` needs the scorers; until :mod:`foleyserve.scoring` exists it says so."""
+    """``--best-of``: the hook for ranking variations with :mod:`foleyserve.scoring`.
+
+    The scorers (DeSync, CLAP audio-text; ``scoring.score_candidates`` / ``scoring.rank``) are not
+    wired in yet: this refuses rather than silently keeping every sample. To wire it: generate the
+    variations (``run_requested``), score their waveforms against the prepared features, keep
+    ``rank(..., by=args.rank.split(","))[0]`` and write only that one to ``--out``."""
     if getattr(args, "best_of", None) is None:
         return
-    import importlib.util
-
-    if importlib.util.find_spec("foleyserve.scoring") is None:
-        raise UsageError("--best-of needs foleyserve.scoring (DeSync and CLAP ranking), which this install does not have; "
-                         "use --num-samples N and listen, or update foleyserve")
+    raise UsageError("--best-of is not available yet in `generate` (the scorers are not wired in); "
+                     "use --num-samples N and compare the files")
 
 
 def resolve_generate_args(args: argparse.Namespace) -> None:
