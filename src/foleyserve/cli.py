@@ -184,6 +184,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("video", metavar="VIDEO", nargs="?", type=Path, help="input video file")
     p.add_argument("--out", type=Path, help="output file: .wav, .flac or .mp4 (default: VIDEO_foley.mp4 beside the input)")
     p.add_argument("--keep-original-audio", type=float, metavar="GAIN", help="mix the video's own sound under the Foley at this gain (mp4)")
+    p.add_argument("--start", type=float, default=0.0, metavar="SECONDS", help="score the video from this time on (default 0)")
+    p.add_argument(
+        "--duration", type=float, metavar="SECONDS",
+        help="score this many seconds of the video (default: to its end; over 15 s runs in overlapping windows; "
+        "--duration 15 is the official single clip, 15.04 s); without a VIDEO: text to audio of this length",
+    )
     # `generate --csv` moved to `batch`; the old flags stay (hidden) to answer with where it went.
     p.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
@@ -389,6 +395,7 @@ def _request(args: argparse.Namespace, video: Path, out: Path, gain: float | Non
     return GenerationRequest(
         video=video, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, seed=args.seed, output=out, keep_original_audio_gain=gain,
+        start=getattr(args, "start", 0.0), duration=getattr(args, "duration", None),
         loudness=args.loudness, bit_depth=args.bit_depth,
     )
 

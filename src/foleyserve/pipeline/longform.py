@@ -59,6 +59,8 @@ def plan_for(request: GenerationRequest, seconds: float | None = None) -> Window
     ``seconds`` is the video's length when the caller knows it (else the header is read). Raises
     :class:`RequestError` for a ``start`` at or past the video's end."""
     request.validate()
+    if request.video is None:  # text to audio (pipeline/textonly.py): no frames to window
+        return None
     start = float(request.start)
     if start == 0 and request.duration is not None and request.duration <= media.MAX_SECONDS:
         return None

@@ -30,6 +30,7 @@ from foleyserve.server.storage import describe_storage_error, is_storage_error
 FILE_FIELD = "video"
 TEXT_FIELDS = (
     "prompt", "negative_prompt", "steps", "guidance", "seed", "output", "priority", "keep_original_audio", "loudness", "bit_depth",
+    "start", "duration",
 )
 # Fields where an empty value is a real value (an empty prompt is allowed); for the others an
 # empty value is a client bug that used to mean "the default".
@@ -236,6 +237,9 @@ def form_model(config: ServerConfig) -> type[BaseModel]:
         ),
         # Strings: a form field is text, and a Literal of ints refuses "16".
         bit_depth=(Optional[Literal["16", "24"]], Field(None, description="PCM bits of wav/flac output (default: 32-bit float wav, 24-bit flac)")),
+        start=(float, Field(0.0, ge=0.0, lt=1e7, allow_inf_nan=False, description="Score the video from this second on")),
+        duration=(Optional[float], Field(None, gt=0.0, lt=1e7, allow_inf_nan=False, description=(
+            "Seconds to score (default: to the end; over 15 s runs in overlapping windows; 15 from 0 is the official single clip)"))),
     )
 
 
@@ -243,7 +247,7 @@ def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
     """The endpoint's requestBody for the OpenAPI document: the model's fields plus the video."""
     schema = model.model_json_schema()
     schema["properties"] = {
-        FILE_FIELD: {"type": "string", "format": "binary", "description": "The video (MP4, MOV, MKV, WebM...); the model uses at most its first 15 s"},
+        FILE_FIELD: {"type": "string", "format": "binary", "description": "The video (MP4, MOV, MKV, WebM...); all of it is scored (see start, duration)"},
         **schema["properties"],
     }
     schema["required"] = [FILE_FIELD]

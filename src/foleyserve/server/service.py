@@ -464,6 +464,8 @@ class Service:
             # Jobs stored before these fields existed get the defaults.
             loudness=None if p.get("loudness", DEFAULT_LOUDNESS) == "off" else float(p.get("loudness", DEFAULT_LOUDNESS)),
             bit_depth=int(p["bit_depth"]) if p.get("bit_depth") else None,
+            start=float(p.get("start") or 0.0),
+            duration=float(p["duration"]) if p.get("duration") is not None else None,
         )
 
     def body(self, rec: JobRecord, root: str = "") -> dict[str, Any]:
