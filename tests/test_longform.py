@@ -288,3 +288,31 @@ def test_server_form_takes_start_and_duration():
     assert (form.start, form.duration) == (20.0, 25.5)
     with pytest.raises(ValueError):
         model(duration="0")
+
+
+def test_the_batcher_runs_a_long_request_as_one_job_next_to_short_ones(engine, tmp_path):
+    from foleyserve.runtime.batcher import Batcher, BatcherConfig
+
+    long_clip = make_clip(tmp_path / "long.mp4", 17.0)
+    calls = []
+    real = engine.sample_jobs
+
+    def spy(jobs, **kw):
+        calls.append(len(jobs))
+        return real(jobs, **kw)
+
+    engine.sample_jobs = spy
+    try:
+        with Batcher(engine, BatcherConfig(max_batch_size=4, max_wait_ms=200)) as b:
+            long_job = b.submit(GenerationRequest(video=long_clip, steps=2, seed=4))
+            short_job = b.submit(GenerationRequest(video=sample_clip_path(), steps=2, seed=4))
+            ranged = b.submit(GenerationRequest(video=long_clip, steps=2, seed=4, start=1.0, duration=2.0))
+            for job in (long_job, short_job, ranged):
+                assert job.wait(600), job.status
+    finally:
+        del engine.sample_jobs
+    assert [j.status for j in (long_job, short_job, ranged)] == ["succeeded"] * 3
+    assert long_job.result.waveform.shape == (1, 17 * 48000) and long_job.progress == (2, 2)
+    assert ranged.result.waveform.shape == (1, 2 * 48000)
+    assert short_job.result.audio_seconds == pytest.approx(3.96)
+    assert sorted(calls) == [1, 1, 2]  # the long job's two windows in one loop of their own

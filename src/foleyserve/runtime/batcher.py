@@ -33,6 +33,11 @@ share a loop.
   audio ends before the video does; an mp4 output is silent for the rest). Clips under one second,
   and the rare clip whose frames stop short of its bucket, keep their own length.
 
+Long requests. A video over 15 s, or a ``start``/``duration`` range, is ONE job with a batch key of
+its own (:class:`~foleyserve.pipeline.longform.LongformJob`): the prepare thread decodes and
+encodes all its windows, and the denoise thread runs them, batched inside the job, as one batch
+of the queue; ``progress`` counts the steps of all its window loops. It is not cached.
+
 Priorities. ``"interactive"`` jobs are always prepared and denoised before ``"bulk"`` ones; within
 a priority, first in first out. So that a steady interactive load cannot starve bulk work forever, a
 bulk job that has waited more than :data:`BULK_PROMOTION_SECONDS` (30 s) counts as interactive
@@ -84,7 +89,8 @@ from typing import TYPE_CHECKING, Callable
 
 from foleyserve import media
 from foleyserve.models.encoders import PromptTooLongError
-from foleyserve.pipeline.pipeline import Engine
+from foleyserve.pipeline import longform
+from foleyserve.pipeline.pipeline import Engine, PreparedJob
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.stages import StageTimer
 # The batcher's public types live beside it; importing them from here keeps working.
@@ -220,7 +226,9 @@ class Batcher:
         request.validate()
         if priority not in PRIORITIES:
             raise RequestError(f"unknown priority {priority!r}: choose one of {', '.join(PRIORITIES)}")
-        source_key = self._source_key(request.video) if self._use_cache() else None
+        # A range's result is not the video's: only whole-video requests use the bytes-only path.
+        whole = request.start == 0 and request.duration is None
+        source_key = self._source_key(request.video) if self._use_cache() and whole else None
         fast = self._fast_hit(request, source_key)
         if fast is not None:
             return self._finish_fast(request, priority, job_id, *fast)
@@ -468,7 +476,13 @@ class Batcher:
     def _prepare(self, job: Job) -> None:
         engine, req = self.engine, job.request
         timer = StageTimer(engine.device)
-        decoded = engine.decode(req.video, timer)
+        plan = longform.plan_for(req)
+        if plan is not None:
+            # Over 15 s, or a range: ONE job, its windows batched inside it (not cached).
+            windowed = longform.prepare(engine, req, plan=plan, timer=timer, cancelled=lambda: job._cancel)
+            self._make_ready(job, windowed, windowed.batch_key())
+            return
+        decoded = engine.decode(req.video, timer, max_seconds=req.duration or media.MAX_SECONDS)
         if self.config.length_bucket == "second":
             decoded, job._trim = trim_to_whole_seconds(decoded)
         if job._cancel:
@@ -516,11 +530,14 @@ class Batcher:
         prepared.timer = timer
         # The frames were only for the encoders; finish() needs just the duration.
         prepared.decoded = dataclasses.replace(decoded, frames={})
+        self._make_ready(job, prepared, (*prepared.batch_key(), int(visual.siglip.shape[1])))
+
+    def _make_ready(self, job: Job, prepared: "PreparedJob | longform.LongformJob", key: tuple) -> None:
         with self._cond:
             if job.done:
                 return
-            job._prepared = prepared
-            job._key = (*prepared.batch_key(), int(visual.siglip.shape[1]))
+            job._prepared = prepared  # type: ignore[assignment]
+            job._key = key
             job._ready_at = time.monotonic()
             self._ready.append(job)
             self._cond.notify_all()
@@ -600,7 +617,10 @@ class Batcher:
         prepared = [j._prepared for j in batch]
         assert all(p is not None for p in prepared)
         try:
-            latents = self.engine.sample_jobs(prepared, progress=progress, keep_rows=keep_rows)  # type: ignore[arg-type]
+            if longform.is_longform(prepared[0]):  # alone in its batch (a key of its own)
+                latents = [longform.sample(self.engine, prepared[0], progress=progress, keep_rows=keep_rows)]  # type: ignore[arg-type]
+            else:
+                latents = self.engine.sample_jobs(prepared, progress=progress, keep_rows=keep_rows)  # type: ignore[arg-type]
         except Exception as e:
             code, error = _classify(e, user_stage=False)  # logged once for the whole batch
             for job in batch:
@@ -612,7 +632,10 @@ class Batcher:
                 self._end(job, "cancelled")
                 continue
             try:
-                result = self._restore(job, self.engine.finish(prep, lat))  # type: ignore[arg-type]
+                if longform.is_longform(prep):
+                    result = longform.finish(self.engine, prep, lat)  # type: ignore[arg-type]
+                else:
+                    result = self._restore(job, self.engine.finish(prep, lat))  # type: ignore[arg-type]
             except Exception as e:
                 self._fail(job, e, user_stage=False, ran=True)
                 continue
