@@ -316,3 +316,10 @@ def test_the_batcher_runs_a_long_request_as_one_job_next_to_short_ones(engine, t
     assert ranged.result.waveform.shape == (1, 2 * 48000)
     assert short_job.result.audio_seconds == pytest.approx(3.96)
     assert sorted(calls) == [1, 1, 2]  # the long job's two windows in one loop of their own
+
+
+def test_generate_batch_runs_a_long_request_in_windows(engine, tmp_path):
+    long_clip = make_clip(tmp_path / "long.mp4", 16.0)
+    res, bad = engine.generate_batch([GenerationRequest(video=long_clip, steps=1), GenerationRequest(video=long_clip, start=99.0)])
+    assert res.waveform.shape == (1, 16 * 48000)
+    assert isinstance(bad, RequestError) and "past the end" in str(bad)

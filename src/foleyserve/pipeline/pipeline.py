@@ -532,8 +532,12 @@ class Engine:
         groups: dict[tuple, list[tuple[int, PreparedJob]]] = {}
         for i, req in enumerate(requests):
             try:
+                plan = longform.plan_for(req)
+                if plan is not None:  # a long video's windows batch among themselves
+                    results[i] = longform.generate(self, req, progress, plan=plan)
+                    continue
                 job = self.prepare(req, progress=progress)
-            except (RequestError, media.MediaError) as e:
+            except (ValueError, RuntimeError, OSError) as e:  # RequestError, MediaError; a window loop's failure
                 results[i] = e
                 continue
             groups.setdefault(job.batch_key(), []).append((i, job))
