@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from foleyserve import media
-from foleyserve.media.windows import decode_windows, video_seconds
+from foleyserve.media.windows import decode_windows
 from foleyserve.pipeline import longform
 from foleyserve.pipeline.demo import sample_clip_path
 from foleyserve.pipeline.pipeline import Engine
