@@ -6,6 +6,8 @@ internet access would, and check that the pages still render. The HTTP cases nee
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import re
 from collections.abc import Iterator
@@ -76,7 +78,9 @@ def test_root_path_prefixes_every_url() -> None:
 
 def test_missing_assets_fall_back_to_the_cdn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     app = FastAPI(docs_url=None, redoc_url=None)
-    docs.mount_docs(app, assets_dir=tmp_path)
+    # At WARNING explicitly: an in-process CLI test may have quieted the "foleyserve" logger.
+    with caplog.at_level(logging.WARNING, logger="foleyserve.server"):
+        docs.mount_docs(app, assets_dir=tmp_path)
     assert "swagger-ui-bundle.js" in TestClient(app).get("/docs").text
     assert "assets are missing" in caplog.text
 

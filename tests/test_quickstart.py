@@ -120,7 +120,10 @@ def test_python_without_venv_support_names_the_fix(tmp_path, stub):
 def test_real_venv_is_made_in_the_given_place(tmp_path):
     pytest.importorskip("ensurepip")
     venv = tmp_path / "venv"
-    proc, _ = run_script(tmp_path, "install.sh", FOLEYSERVE_BASE_PYTHON=sys.executable, FOLEYSERVE_VENV=str(venv),
+    # The interpreter below any venv the tests run in (CI runs them inside .venv, and install.sh
+    # rightly uses a venv's python as it is instead of making another).
+    base = getattr(sys, "_base_executable", sys.executable)
+    proc, _ = run_script(tmp_path, "install.sh", FOLEYSERVE_BASE_PYTHON=base, FOLEYSERVE_VENV=str(venv),
                          FOLEYSERVE_INSTALL_DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
     assert (venv / "bin" / "python").exists() and (venv / "pyvenv.cfg").exists()

@@ -188,8 +188,10 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "max_upload_bytes": config.max_upload_bytes, "max_video_pixels": config.max_video_pixels,
                 "max_prompt_chars": config.max_prompt_chars, "steps": [1, config.max_steps], "guidance": [0, 100],
                 "seed": [0, MAX_SEED], "wait_seconds": [0, MAX_WAIT_S], "outputs": list(OUTPUTS),
-                # Seconds of video that get sound; the rest of a longer clip stays silent.
-                "max_video_seconds": MAX_SECONDS,
+                # Seconds of video that get sound: null, all of it (longer clips run in windows of at
+                # most 15 s, joined by crossfades; the page states no limit).
+                "max_video_seconds": None,
+                "window_seconds": MAX_SECONDS,
                 "loudness": [MIN_TARGET_LUFS, MAX_TARGET_LUFS], "bit_depths": list(BIT_DEPTHS),
             },
             "defaults": {

@@ -970,7 +970,9 @@ function applyInfo(info) {
     steps,
     guidance,
     maxUploadBytes: Number.isFinite(limits.max_upload_bytes) ? limits.max_upload_bytes : FALLBACK_LIMITS.maxUploadBytes,
-    maxSeconds: Number.isFinite(limits.max_video_seconds) ? limits.max_video_seconds : FALLBACK_LIMITS.maxSeconds,
+    // null: the whole video gets sound (the server runs long clips in windows).
+    maxSeconds: limits.max_video_seconds === null ? 0
+      : Number.isFinite(limits.max_video_seconds) ? limits.max_video_seconds : FALLBACK_LIMITS.maxSeconds,
     maxPromptChars: Number.isFinite(limits.max_prompt_chars) ? limits.max_prompt_chars : FALLBACK_LIMITS.maxPromptChars,
   };
 
@@ -988,6 +990,7 @@ function applyInfo(info) {
   const parts = [];
   if (state.limits.maxUploadBytes > 0) parts.push(`Up to ${formatBytes(state.limits.maxUploadBytes)}`);
   if (state.limits.maxSeconds > 0) parts.push(`sound is made for its first ${state.limits.maxSeconds}\u00a0s`);
+  else parts.push("any length (long clips are made in windows of 15\u00a0s)");
   if (parts.length) el.videoLimits.textContent = `${parts.join("; ")}.`;
   el.demoBanner.hidden = !isDemo(info);
   document.body.dataset.limits = "server"; // lets a test tell the server's values from the page's own
