@@ -235,7 +235,13 @@ def test_serve_command_runs_uvicorn_and_stops_cleanly(tmp_path: Path) -> None:
             line = proc.stderr.readline()
             m = re.search(r"listening on (http://\S+)", line)
             url = m.group(1) if m else None
-        while httpx.get(f"{url}/readyz").status_code != 200:
+        while True:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # a loaded box: uvicorn may not be accepting yet
             assert time.monotonic() < deadline, "the model never became ready"
             time.sleep(0.2)
         r = httpx.post(f"{url}/v1/generations?wait=60", files={"video": ("s.mp4", short_clip(), "video/mp4")},
