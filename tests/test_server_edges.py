@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
 
 from foleyserve import Engine
 from foleyserve.commands.serve import _listen
@@ -21,35 +20,9 @@ from foleyserve.server import storage as server_storage
 from foleyserve.server.app import create_app
 from foleyserve.server.jobs import JobStore
 from foleyserve.server.settings import ServerConfig
-from test_server import error_of, finished, make_clip, submit
+from test_server import clip, engine, error_of, finished, serve, submit  # noqa: F401  (fixtures shared with test_server)
 
 Usage = namedtuple("Usage", "total used free")
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.demo()
-
-
-@pytest.fixture(scope="module")
-def clip() -> bytes:
-    return make_clip(1.2)
-
-
-@pytest.fixture()
-def serve(engine: Engine, tmp_path: Path):
-    clients: list[TestClient] = []
-
-    def start(**options) -> TestClient:
-        config = ServerConfig(data_dir=tmp_path / "data", **{"cache": "memory", **options})
-        c = TestClient(create_app(config, engine=engine), raise_server_exceptions=False)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield start
-    for c in reversed(clients):
-        c.__exit__(None, None, None)
 
 
 @pytest.fixture()

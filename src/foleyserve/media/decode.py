@@ -86,6 +86,16 @@ def _frame_time(frame: av.VideoFrame, origin: Fraction) -> float | None:
     return float(ticks * tb)
 
 
+def frame_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """A decoded frame as uint8 RGB [H, W, 3], and the clip's frame size (the first frame's).
+    A mid-stream resolution change is scaled back to the first size so the clip stacks."""
+    if size is None:
+        size = (frame.height, frame.width)
+    if (frame.height, frame.width) != size:
+        return frame.to_ndarray(format="rgb24", width=size[1], height=size[0]), size
+    return frame.to_ndarray(format="rgb24"), size
+
+
 def decode_frames(
     source: VideoSource,
     *,
@@ -146,13 +156,7 @@ def decode_frames(
                 while t >= next_time[r]:
                     if stored is None:
                         if rgb is None:
-                            if size is None:
-                                size = (frame.height, frame.width)
-                            if (frame.height, frame.width) != size:
-                                # Mid-stream resolution change: keep the first size so the clip stacks.
-                                rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
-                            else:
-                                rgb = frame.to_ndarray(format="rgb24")
+                            rgb, size = frame_rgb(frame, size)
                         stored = rgb if prep[r] is None else prep[r](rgb[None])[0]
                     buffers[r].append(stored)
                     next_time[r] += delta[r]

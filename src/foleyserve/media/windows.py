@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import av
 import numpy as np
 
-from foleyserve.media.decode import DecodedVideo, _frame_time, _Growable, _preprocessors
+from foleyserve.media.decode import DecodedVideo, _frame_time, _Growable, _preprocessors, frame_rgb
 from foleyserve.media.source import (
     SIGLIP_FPS, SYNC_FPS, MediaError, VideoSource, _frames, _header_duration, _label, _no_frames_error, _open,
     _video_stream, time_origin,
@@ -137,12 +137,7 @@ def decode_windows(
                     while t >= w.next_time[r]:
                         if r not in shared:
                             if rgb is None:
-                                if size is None:
-                                    size = (frame.height, frame.width)
-                                if (frame.height, frame.width) != size:
-                                    rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
-                                else:
-                                    rgb = frame.to_ndarray(format="rgb24")
+                                rgb, size = frame_rgb(frame, size)
                             shared[r] = rgb if prep[r] is None else prep[r](rgb[None])[0]
                         w.buffers[r].append(shared[r])
                         w.next_time[r] += 1 / r
