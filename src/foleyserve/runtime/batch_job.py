@@ -65,6 +65,10 @@ class Job:
     started: float | None = None  # when its denoising batch started
     finished: float | None = None
     batch_size: int | None = None
+    # Several samples of one request (runtime/samples.py): their seeds, then their results in seed
+    # order (``result`` is the first). None for a one-sample job.
+    seeds: tuple[int, ...] | None = None
+    results: list[GenerationResult] | None = None
 
     _seq: int = field(default=0, init=False, repr=False)
     _submitted: float = field(default_factory=time.monotonic, init=False, repr=False)

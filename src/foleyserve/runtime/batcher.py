@@ -38,6 +38,13 @@ its own (:class:`~foleyserve.pipeline.longform.LongformJob`): the prepare thread
 encodes all its windows, and the denoise thread runs them, batched inside the job, as one batch
 of the queue; ``progress`` counts the steps of all its window loops. It is not cached.
 
+Several samples. ``submit(..., seeds=[...])`` is likewise one job with a key of its own
+(:mod:`foleyserve.runtime.samples`): prepared once, every seed a row of one loop, ``job.results``
+in seed order. Its features are cached; its results are not looked up in the result cache.
+
+Text to audio. A request without a video has a frame-less stand-in clip of ``duration`` seconds
+(:mod:`foleyserve.pipeline.textonly`), cached under its length; it is never trimmed to a bucket.
+
 Priorities. ``"interactive"`` jobs are always prepared and denoised before ``"bulk"`` ones; within
 a priority, first in first out. So that a steady interactive load cannot starve bulk work forever, a
 bulk job that has waited more than :data:`BULK_PROMOTION_SECONDS` (30 s) counts as interactive
@@ -89,7 +96,7 @@ from typing import TYPE_CHECKING, Callable
 
 from foleyserve import media
 from foleyserve.models.encoders import PromptTooLongError
-from foleyserve.pipeline import longform
+from foleyserve.pipeline import longform, textonly
 from foleyserve.pipeline.pipeline import Engine, PreparedJob
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 from foleyserve.pipeline.stages import StageTimer
@@ -97,6 +104,7 @@ from foleyserve.pipeline.stages import StageTimer
 from foleyserve.runtime.batch_job import (  # noqa: F401
     FINAL_STATUSES, LENGTH_BUCKETS, PRIORITIES, BatcherConfig, Job, JobStatus, QueueFull,
 )
+from foleyserve.runtime import samples
 from foleyserve.runtime.buckets import _Trim, trim_to_whole_seconds  # noqa: F401
 
 if TYPE_CHECKING:
@@ -220,14 +228,22 @@ class Batcher:
 
     # -- the public API --------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, *, priority: str = "interactive", job_id: str | None = None) -> Job:
-        """Queue a request. Raises :class:`RequestError` for an invalid request and
-        :class:`QueueFull` when the queue is at ``max_queue``."""
+    def submit(
+        self, request: GenerationRequest, *, priority: str = "interactive", job_id: str | None = None,
+        seeds: list[int] | None = None,
+    ) -> Job:
+        """Queue a request; with ``seeds``, one sample per seed in one job (``request.seed`` is
+        ignored; see :mod:`foleyserve.runtime.samples`). Raises :class:`RequestError` for an invalid
+        request and :class:`QueueFull` when the queue is at ``max_queue``."""
         request.validate()
         if priority not in PRIORITIES:
             raise RequestError(f"unknown priority {priority!r}: choose one of {', '.join(PRIORITIES)}")
-        # A range's result is not the video's: only whole-video requests use the bytes-only path.
-        whole = request.start == 0 and request.duration is None
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            samples.check(request, seeds)
+        # A range's result is not the video's: only whole-video requests use the bytes-only path,
+        # and only one-sample jobs use the result cache at all.
+        whole = request.start == 0 and request.duration is None and seeds is None
         source_key = self._source_key(request.video) if self._use_cache() and whole else None
         fast = self._fast_hit(request, source_key)
         if fast is not None:
@@ -246,7 +262,8 @@ class Batcher:
                     f"the queue is full ({depth} jobs waiting, limit {self.config.max_queue}); retry in {wait:.0f} s",
                     retry_after=wait,
                 )
-            job = Job(id=job_id, request=request, priority=priority, progress=(0, request.steps))
+            job = Job(id=job_id, request=request, priority=priority, progress=(0, request.steps),
+                      seeds=tuple(seeds) if seeds is not None else None)
             job._seq = next(self._seq)
             job._source_key = source_key
             self._jobs[job_id] = job
@@ -257,7 +274,9 @@ class Batcher:
 
     # -- result-cache hits without decoding -------------------------------------------------------
 
-    def _source_key(self, video: str | Path | bytes) -> str | None:
+    def _source_key(self, video: str | Path | bytes | None) -> str | None:
+        if video is None:  # text to audio: nothing uploaded to recognise
+            return None
         try:
             data = bytes(video) if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
         except OSError:
@@ -482,24 +501,26 @@ class Batcher:
             windowed = longform.prepare(engine, req, plan=plan, timer=timer, cancelled=lambda: job._cancel)
             self._make_ready(job, windowed, windowed.batch_key())
             return
+        # Without a video, decode() makes a frame-less stand-in of req.duration seconds.
         decoded = engine.decode(req.video, timer, max_seconds=req.duration or media.MAX_SECONDS)
-        if self.config.length_bucket == "second":
+        if self.config.length_bucket == "second" and not isinstance(decoded, textonly.NoVideoClip):
             decoded, job._trim = trim_to_whole_seconds(decoded)
         if job._cancel:
             return
         prompt, negative = req.prompt, req.negative_prompt
         visual = text = None
         if self._use_cache():
-            from foleyserve.runtime.cache import CachedResult, frames_key, normalise_prompt, result_key, text_key
+            from foleyserve.runtime.cache import CachedResult, normalise_prompt, result_key, text_key
 
             assert self.cache is not None
             prompt, negative = normalise_prompt(prompt), normalise_prompt(negative)
-            fkey = frames_key(decoded)
+            fkey = textonly.clip_key(decoded)  # a text-only clip has no frames to hash: its length
             self._remember_source(job._source_key, fkey, decoded, job._trim)
-            job._result_key = result_key(
-                fkey, prompt, negative, req.seed, req.steps, float(req.guidance), engine.components.name, self._precision_id()
-            )
-            hit = self.cache.get_result(job._result_key)
+            if job.seeds is None:
+                job._result_key = result_key(
+                    fkey, prompt, negative, req.seed, req.steps, float(req.guidance), engine.components.name, self._precision_id()
+                )
+            hit = self.cache.get_result(job._result_key) if job._result_key is not None else None
             if isinstance(hit, CachedResult):
                 try:
                     result = self._restore(job, engine.write_result(req, hit.waveform, decoded, timer))
@@ -530,9 +551,13 @@ class Batcher:
         prepared.timer = timer
         # The frames were only for the encoders; finish() needs just the duration.
         prepared.decoded = dataclasses.replace(decoded, frames={})
+        if job.seeds is not None:
+            many = samples.expand(prepared, list(job.seeds))
+            self._make_ready(job, many, many.batch_key())
+            return
         self._make_ready(job, prepared, (*prepared.batch_key(), int(visual.siglip.shape[1])))
 
-    def _make_ready(self, job: Job, prepared: "PreparedJob | longform.LongformJob", key: tuple) -> None:
+    def _make_ready(self, job: Job, prepared: "PreparedJob | longform.LongformJob | samples.SamplesJob", key: tuple) -> None:
         with self._cond:
             if job.done:
                 return
@@ -619,6 +644,8 @@ class Batcher:
         try:
             if longform.is_longform(prepared[0]):  # alone in its batch (a key of its own)
                 latents = [longform.sample(self.engine, prepared[0], progress=progress, keep_rows=keep_rows)]  # type: ignore[arg-type]
+            elif samples.is_samples(prepared[0]):  # likewise
+                latents = [samples.sample(self.engine, prepared[0], progress=progress, keep_rows=keep_rows)]  # type: ignore[arg-type]
             else:
                 latents = self.engine.sample_jobs(prepared, progress=progress, keep_rows=keep_rows)  # type: ignore[arg-type]
         except Exception as e:
@@ -634,6 +661,9 @@ class Batcher:
             try:
                 if longform.is_longform(prep):
                     result = longform.finish(self.engine, prep, lat)  # type: ignore[arg-type]
+                elif samples.is_samples(prep):
+                    job.results = samples.finish(self.engine, prep, lat)  # type: ignore[arg-type]
+                    result = job.results[0]
                 else:
                     result = self._restore(job, self.engine.finish(prep, lat))  # type: ignore[arg-type]
             except Exception as e:
@@ -643,9 +673,8 @@ class Batcher:
                 if name in prep.timer.records:  # type: ignore[union-attr]
                     stages[name] = stages.get(name, 0.0) + prep.timer.records[name].seconds  # type: ignore[union-attr]
             if job._cancel:
-                # Cancelled while its audio was being decoded: the caller no longer wants the file.
-                for f in result.files:
-                    Path(f).unlink(missing_ok=True)
+                # Cancelled while its audio was being decoded: the caller no longer wants the files.
+                samples.discard(job.results or [result])
                 self._end(job, "cancelled")
                 continue
             if self._use_cache() and job._result_key is not None:

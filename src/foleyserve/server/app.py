@@ -1,11 +1,12 @@
 """The HTTP service: a FastAPI app around one engine, one batcher, one cache and one job store.
 
-    POST   /v1/generations            upload a video -> 202 job (or 200 when ?wait= saw it finish)
+    POST   /v1/generations            upload a video (or none + duration: text to audio) -> 202 job
+                                      (or 200 when ?wait= saw it finish); num_samples: several seeds
     GET    /v1/generations            recent jobs
     GET    /v1/generations/{id}       status, progress, timings, error
     DELETE /v1/generations/{id}       cancel (finished: delete the result files)
-    GET    /v1/generations/{id}/audio the result audio (wav, or flac when asked for)
-    GET    /v1/generations/{id}/video the mp4 with the new sound (output=mp4 only)
+    GET    /v1/generations/{id}/audio the result audio (wav, or flac when asked for); ?seed=S: that sample
+    GET    /v1/generations/{id}/video the mp4 with the new sound (output=mp4 only); ?seed=S likewise
     GET    /v1/info                   limits and defaults (for clients and the web page)
     GET    /healthz /readyz /metrics  liveness, readiness, Prometheus
     GET    /  /static/...             the web page
@@ -36,15 +37,16 @@ from starlette.concurrency import run_in_threadpool
 from foleyserve.config import EngineConfig
 from foleyserve.pipeline.pipeline import MAX_SECONDS
 from foleyserve.loudness import DEFAULT_TRUE_PEAK_DBTP, MAX_TARGET_LUFS, MIN_TARGET_LUFS
-from foleyserve.pipeline.requests import BIT_DEPTHS, DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT, RequestError
+from foleyserve.pipeline.requests import BIT_DEPTHS, DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT, TEXT_ONLY_SECONDS, RequestError
 from foleyserve.server.admission import CLIENT_ID_HEADER, admission_refusal, client_id, key_refusal, storage_refusal
 from foleyserve.server.docs import mount_docs
 from foleyserve.server.errors import (
     MAX_SEED, MAX_WAIT_S, ApiError, add_error_handlers, error_response, param_rules, submit_error, validation_message,
 )
-from foleyserve.server.forms import form_model, openapi_request_body, parse_fields, receive_form
+from foleyserve.server.forms import NUM_SAMPLES, check_text_only, form_model, openapi_request_body, parse_fields, receive_form
 from foleyserve.server.jobs import ACTIVE_STATUSES, JobRecord
 from foleyserve.server.prometheus import CONTENT_TYPE
+from foleyserve.server.results import file_key, seeds_of
 from foleyserve.server.schemas import ERROR_RESPONSES, ErrorBody, Health, JobBody, JobList, Ready
 from foleyserve.server.service import Service, unlink
 from foleyserve.server.settings import ServerConfig
@@ -82,8 +84,9 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         title="foleyserve",
         summary="HunyuanVideo-Foley as a service: video + text prompt -> 48 kHz Foley audio",
         description=(
-            "Upload a video with `POST /v1/generations`, follow the job with `GET /v1/generations/{id}`, "
-            "download the result from its `audio_url` / `video_url`. Errors are "
+            "Upload a video with `POST /v1/generations` (or leave it out and send `duration` for text to audio; "
+            "`num_samples` makes several seeds at once), follow the job with `GET /v1/generations/{id}`, "
+            "download the result from its `audio_url` / `video_url` (each sample's from `results`). Errors are "
             '`{"error": {"code", "message"}}`. Send `Authorization: Bearer <key>` when the server has an API key.'
         ),
         version=_version(),
@@ -193,12 +196,16 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "max_video_seconds": None,
                 "window_seconds": MAX_SECONDS,
                 "loudness": [MIN_TARGET_LUFS, MAX_TARGET_LUFS], "bit_depths": list(BIT_DEPTHS),
+                "num_samples": list(NUM_SAMPLES),
+                # Text to audio (no video): duration is the audio's length, output wav or flac.
+                "text_only_seconds": list(TEXT_ONLY_SECONDS), "text_only_outputs": ["wav", "flac"],
             },
             "defaults": {
                 "steps": config.default_steps, "guidance": config.default_guidance, "seed": 0,
                 "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "output": "mp4", "priority": config.default_priority,
                 # LUFS (loudness=off: the raw model output); the true peak is a fixed ceiling in dBTP.
                 "loudness": DEFAULT_LOUDNESS, "true_peak": DEFAULT_TRUE_PEAK_DBTP, "bit_depth": None,
+                "num_samples": 1, "text_only_output": "wav",
             },
             "auth": bool(config.api_key),
             # The web page warns before the first run that the demo model's audio is noise.
@@ -211,14 +218,22 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
 
     @app.post(
         "/v1/generations", status_code=202, response_model=JobBody, tags=["generations"], dependencies=auth,
-        summary="Generate Foley for a video",
+        summary="Generate Foley for a video, or audio from text alone",
+        description=(
+            "multipart/form-data. With a `video` part: Foley for the video (`start`/`duration` pick a range). Without "
+            f"one: text to audio, and `duration` ({TEXT_ONLY_SECONDS[0]:g}-{TEXT_ONLY_SECONDS[1]:g} s) is the length "
+            "of the audio; output is wav (default) or flac, and `keep_original_audio` and `start` do not apply. "
+            f"`num_samples` ({NUM_SAMPLES[0]}-{NUM_SAMPLES[1]}) makes one sample per seed `seed` .. `seed + num_samples - 1` "
+            "in one denoising batch; the job's `results` lists them and `GET .../audio?seed=S` downloads one. Only "
+            "one-sample jobs are answered from the result cache."
+        ),
         openapi_extra={"requestBody": openapi_request_body(fields_model)},
         responses={
             200: {"model": JobBody, "description": "The job finished within ?wait="},
             400: {"model": ErrorBody, "description": "The multipart body was cut short"},
             413: {"model": ErrorBody, "description": "Upload over the size limit"},
             415: {"model": ErrorBody, "description": "The upload is not a video, or the body is not multipart/form-data"},
-            422: {"model": ErrorBody, "description": "Corrupt or too-short video, a parameter out of range, a repeated, empty or non-UTF-8 field, or a prompt over CLAP's token limit"},
+            422: {"model": ErrorBody, "description": "Corrupt or too-short video, no video and no duration, a parameter out of range (num_samples 1-8; without a video duration 0.64-15 and no mp4), a repeated, empty or non-UTF-8 field, or a prompt over CLAP's token limit"},
             429: {"model": ErrorBody, "description": "Queue full; Retry-After says when a slot is expected"},
             503: {"model": ErrorBody, "description": "The model is still loading"},
             507: {"model": ErrorBody, "description": "The server's disk is full or read-only"},
@@ -244,15 +259,23 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             try:
                 fields = parse_fields(fields_model, form.fields)
             except ValidationError as e:
-                raise ApiError(422, "invalid_parameter", validation_message(list(e.errors()), param_rules(config))) from None
+                rules = {**param_rules(config), "num_samples": f"an integer from {NUM_SAMPLES[0]} to {NUM_SAMPLES[1]}"}
+                raise ApiError(422, "invalid_parameter", validation_message(list(e.errors()), rules)) from None
             params = fields.model_dump()
+            params["text_only"] = not form.has_video
+            if params["text_only"]:
+                check_text_only(params)
+            params["output"] = params["output"] or "mp4"
             if params["keep_original_audio"] is not None and params["output"] != "mp4":
                 raise ApiError(422, "invalid_parameter", "keep_original_audio applies to output=mp4 only; drop it or ask for mp4")
+            if params["seed"] + params["num_samples"] - 1 > MAX_SEED:
+                raise ApiError(422, "invalid_parameter", f"seed + num_samples - 1 must be at most {MAX_SEED}; choose a smaller seed")
             priority = params.pop("priority") or config.default_priority
             rec = JobRecord(id=job_id, status="queued", priority=priority, params=params, created=time.time(),
-                            upload=upload.name, owner=client_id(request))
+                            upload=None if params["text_only"] else upload.name, owner=client_id(request))
             await run_in_threadpool(service.check_prompts, params["prompt"], params["negative_prompt"])
-            await run_in_threadpool(inspect_upload, upload, config, form.filename)
+            if form.has_video:
+                await run_in_threadpool(inspect_upload, upload, config, form.filename)
             req = service._request_for(rec, upload)
             try:
                 req.validate()
@@ -263,7 +286,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             except Exception as e:
                 raise storage_refusal(e, service) from None
             try:
-                await run_in_threadpool(batcher.submit, req, priority=rec.priority, job_id=job_id)
+                await run_in_threadpool(batcher.submit, req, priority=rec.priority, job_id=job_id, seeds=seeds_of(params))
             except Exception as e:
                 store.delete(job_id)
                 raise submit_error(e) from None
@@ -313,7 +336,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             rec = service.delete_results(rec)
         return service.body(rec, root(request))
 
-    def download(job_id: str, kind: str) -> FileResponse:
+    def download(job_id: str, kind: str, seed: int | None) -> FileResponse:
         rec = get_record(job_id)
         if rec.status in ACTIVE_STATUSES:
             raise ApiError(409, "not_finished", f"the job is {rec.status}; poll GET /v1/generations/{job_id} until its status is succeeded")
@@ -321,7 +344,11 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             raise ApiError(404, "not_available", f"the job {rec.status}, so it has no result")
         if rec.expired is not None:
             raise ApiError(410, "expired", "this job's result files were deleted (by a DELETE or the server's retention policy); submit the job again")
-        name = rec.files.get(kind)
+        key = file_key(rec, kind, seed)
+        if key is None or (key != kind and f"audio@{seed}" not in rec.files):  # no sample with that seed
+            seeds = seeds_of(rec.params) or [rec.params["seed"]]
+            raise ApiError(404, "not_available", f"this job has no sample with seed {seed}; its seeds are {', '.join(map(str, seeds))}")
+        name = rec.files.get(key)
         if name is None:
             raise ApiError(404, "not_available", f"this job's output is {rec.params['output']}, so there is no video; ask for output=mp4 to get one")
         path = service.store.result_path(name)
@@ -331,21 +358,25 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         if damage is not None:
             log.error("job %s: result file %s is %s; not served", job_id, name, damage)
             raise ApiError(410, "result_damaged", f"this job's result file on the server is {damage}, so it is not served; submit the job again")
+        label = f"-seed{seed}" if key != kind else ""
         return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                            filename=f"foley-{job_id[:8]}{path.suffix}")
+                            filename=f"foley-{job_id[:8]}{label}{path.suffix}")
 
     file_responses = {**ERROR_RESPONSES, 409: {"model": ErrorBody, "description": "Not finished yet"},
                       410: {"model": ErrorBody, "description": "Deleted (DELETE or retention), or damaged on the server's disk"}}
 
+    seed_query = Query(None, ge=0, le=MAX_SEED, description=(
+        "Which sample of a num_samples job (one of its results' seeds); default: the first"))
+
     @app.get("/v1/generations/{job_id}/audio", tags=["generations"], dependencies=auth, response_class=FileResponse,
              summary="The result audio: wav, or flac when the job asked for flac", responses=file_responses)
-    def audio(job_id: str) -> FileResponse:
-        return download(job_id, "audio")
+    def audio(job_id: str, seed: int | None = seed_query) -> FileResponse:
+        return download(job_id, "audio", seed)
 
     @app.get("/v1/generations/{job_id}/video", tags=["generations"], dependencies=auth, response_class=FileResponse,
              summary="The mp4 with the new sound (output=mp4 jobs)", responses=file_responses)
-    def video_file(job_id: str) -> FileResponse:
-        return download(job_id, "video")
+    def video_file(job_id: str, seed: int | None = seed_query) -> FileResponse:
+        return download(job_id, "video", seed)
 
     return app
 

@@ -22,7 +22,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from foleyserve.loudness import DEFAULT_TRUE_PEAK_DBTP, MAX_TARGET_LUFS, MIN_TARGET_LUFS
-from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT
+from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, DEFAULT_NEGATIVE_PROMPT, TEXT_ONLY_SECONDS
 from foleyserve.server.errors import MAX_SEED, ApiError
 from foleyserve.server.settings import ServerConfig
 from foleyserve.server.storage import describe_storage_error, is_storage_error
@@ -30,8 +30,10 @@ from foleyserve.server.storage import describe_storage_error, is_storage_error
 FILE_FIELD = "video"
 TEXT_FIELDS = (
     "prompt", "negative_prompt", "steps", "guidance", "seed", "output", "priority", "keep_original_audio", "loudness", "bit_depth",
-    "start", "duration",
+    "start", "duration", "num_samples",
 )
+# Samples of one submission (seeds seed .. seed + N - 1), run as rows of one denoising loop.
+NUM_SAMPLES = (1, 8)
 # Fields where an empty value is a real value (an empty prompt is allowed); for the others an
 # empty value is a client bug that used to mean "the default".
 EMPTY_ALLOWED = ("prompt", "negative_prompt")
@@ -207,7 +209,14 @@ async def receive_form(
         raise
     if not receiver.form.has_video:
         dest.unlink(missing_ok=True)
-        raise ApiError(422, "invalid_parameter", "video is required: send the clip in the multipart file field 'video'")
+        if "duration" not in receiver.form.fields:
+            low, high = TEXT_ONLY_SECONDS
+            raise ApiError(
+                422, "invalid_parameter",
+                "video is required: send the clip in the multipart file field 'video' (or, for text to audio, leave "
+                f"it out and send duration: the seconds of audio to make, {low:g} to {high:g})",
+            )
+        return receiver.form  # text to audio (see check_text_only)
     if receiver.form.video_bytes == 0:
         dest.unlink(missing_ok=True)
         raise ApiError(422, "invalid_video", "the uploaded video is empty (0 bytes); send the file's contents in the 'video' field")
@@ -225,7 +234,8 @@ def form_model(config: ServerConfig) -> type[BaseModel]:
         steps=(int, Field(config.default_steps, ge=1, le=config.max_steps, description="Denoising steps (cost grows with it)")),
         guidance=(float, Field(config.default_guidance, ge=0.0, le=100.0, allow_inf_nan=False, description="Classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=MAX_SEED, description="Random seed: the same seed and inputs give the same audio")),
-        output=(Literal["mp4", "wav", "flac"], Field("mp4", description="mp4 (the video with the new sound), wav or flac")),
+        output=(Optional[Literal["mp4", "wav", "flac"]], Field(None, description=(
+            "mp4 (the video with the new sound), wav or flac; default mp4, or wav without a video"))),
         priority=(Optional[Literal["interactive", "bulk"]], Field(None, description=f"Queue class (default {config.default_priority})")),
         keep_original_audio=(Optional[float], Field(None, ge=0.0, le=4.0, allow_inf_nan=False, description="Mix the video's own sound under the Foley at this gain (mp4 only)")),
         loudness=(
@@ -239,18 +249,43 @@ def form_model(config: ServerConfig) -> type[BaseModel]:
         bit_depth=(Optional[Literal["16", "24"]], Field(None, description="PCM bits of wav/flac output (default: 32-bit float wav, 24-bit flac)")),
         start=(float, Field(0.0, ge=0.0, lt=1e7, allow_inf_nan=False, description="Score the video from this second on")),
         duration=(Optional[float], Field(None, gt=0.0, lt=1e7, allow_inf_nan=False, description=(
-            "Seconds to score (default: to the end; over 15 s runs in overlapping windows; 15 from 0 is the official single clip)"))),
+            "With a video: seconds to score from start (default: to the end; over 15 s runs in overlapping windows; "
+            f"15 from 0 is the official single clip). Without a video (text to audio): the seconds of audio to make, "
+            f"{TEXT_ONLY_SECONDS[0]:g} to {TEXT_ONLY_SECONDS[1]:g}, required"))),
+        num_samples=(int, Field(1, ge=NUM_SAMPLES[0], le=NUM_SAMPLES[1], description=(
+            f"Samples to make, {NUM_SAMPLES[0]} to {NUM_SAMPLES[1]}, with seeds seed, seed + 1, ...: one denoising "
+            "batch; the job's results list them (clips up to 15 s and text to audio)"))),
     )
+
+
+def check_text_only(params: dict[str, Any]) -> None:
+    """The rules of a submission without a video; ``params`` is the parsed form (output resolved
+    here: wav by default). Raises a 422 :class:`ApiError` naming the field."""
+    low, high = TEXT_ONLY_SECONDS
+    d = params.get("duration")
+    if d is None or not low <= d <= high:
+        raise ApiError(422, "invalid_parameter", (
+            f"without a video, duration is the length of the audio to make: {low:g} to {high:g} seconds, "
+            f"got {d!r}; send a video to score a longer clip"))
+    if params.get("output") == "mp4":
+        raise ApiError(422, "invalid_parameter", "output=mp4 needs a video to put the sound in; without one ask for wav or flac")
+    if params.get("keep_original_audio") is not None:
+        raise ApiError(422, "invalid_parameter", "keep_original_audio mixes in a video's own sound; without a video, leave it out")
+    if params.get("start"):
+        raise ApiError(422, "invalid_parameter", "start is a time in the video; without a video, leave it out")
+    params["output"] = params.get("output") or "wav"
 
 
 def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
     """The endpoint's requestBody for the OpenAPI document: the model's fields plus the video."""
     schema = model.model_json_schema()
     schema["properties"] = {
-        FILE_FIELD: {"type": "string", "format": "binary", "description": "The video (MP4, MOV, MKV, WebM...); all of it is scored (see start, duration)"},
+        FILE_FIELD: {"type": "string", "format": "binary", "description": (
+            "The video (MP4, MOV, MKV, WebM...); all of it is scored (see start, duration). Leave it out for text "
+            "to audio: then duration is required and output is wav or flac")},
         **schema["properties"],
     }
-    schema["required"] = [FILE_FIELD]
+    schema.pop("required", None)  # the video or, without one, duration
     schema.pop("additionalProperties", None)
     return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
 
@@ -260,4 +295,4 @@ def parse_fields(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
     return model.model_validate(fields)
 
 
-__all__ = ["ReceivedForm", "ValidationError", "form_model", "openapi_request_body", "parse_fields", "receive_form", "too_large_message"]
+__all__ = ["NUM_SAMPLES", "ReceivedForm", "ValidationError", "check_text_only", "form_model", "openapi_request_body", "parse_fields", "receive_form", "too_large_message"]

@@ -7,6 +7,7 @@ Layout under the data directory::
     results/<id>.wav    the result audio (always written, also for mp4 jobs)
     results/<id>.flac   the requested format, when it is not wav
     results/<id>.mp4
+    results/<id>_seed<S>.<fmt>  one per sample of a num_samples job (server/results.py)
 
 One connection serves all threads behind a lock: the writes are tiny (a status or progress
 change), far below what would make a connection pool worth its complexity.
@@ -232,8 +233,9 @@ class JobStore:
         return self.results_dir / Path(name).name
 
     def remove_results(self, job_id: str) -> None:
-        for p in self.results_dir.glob(f"{job_id}.*"):
-            _unlink(p)
+        for pattern in (f"{job_id}.*", f"{job_id}_seed*"):  # a job's own files, and its samples'
+            for p in self.results_dir.glob(pattern):
+                _unlink(p)
 
     def enforce_retention(self, *, max_age_s: float | None, max_bytes: int | None, now: float | None = None) -> list[str]:
         """Delete the files of finished jobs past the age limit, then of the oldest until the

@@ -21,6 +21,12 @@ class Progress(BaseModel):
     total: int = Field(description="Denoising steps in all (0 until the job reaches the denoiser)")
 
 
+class SampleResult(BaseModel):
+    seed: int = Field(description="The seed this sample was made with")
+    audio_url: str | None = Field(description="Its audio (…/audio?seed=S for a job of several samples)")
+    video_url: str | None = Field(description="Its mp4 (output=mp4 only)")
+
+
 class JobBody(BaseModel):
     id: str = Field(description="Server-generated job id (32 hex digits)")
     status: Literal["queued", "preparing", "running", "succeeded", "failed", "cancelled"] = Field(
@@ -45,9 +51,13 @@ class JobBody(BaseModel):
     output: str = Field(description="Requested format: mp4, wav or flac")
     keep_original_audio: float | None = Field(description="Gain of the source video's own sound mixed under the Foley (mp4)")
     duration: float | None = Field(description="Seconds of generated audio")
-    video_duration: float | None = Field(description="Seconds of the uploaded video")
+    video_duration: float | None = Field(description="Seconds of the uploaded video (0 for text to audio)")
     batch_size: int | None = Field(description="Jobs that shared this job's denoising loop")
     warnings: list[str] = Field(description="Notes about the result (e.g. a video longer than the model covers)")
+    text_only: bool = Field(description="True for text to audio: no video was sent, duration set the length")
+    num_samples: int = Field(description="Samples asked for (seeds seed .. seed + num_samples - 1)")
+    results: list[SampleResult] = Field(description=(
+        "One entry per sample once succeeded, in seed order (empty before); audio_url and video_url are the first's"))
 
 
 class JobList(BaseModel):

@@ -15,6 +15,7 @@ from foleyserve.config import EngineConfig
 from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, GenerationRequest, RequestError
 from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
+from foleyserve.server.results import sample_list, seeds_of, write_files
 from foleyserve.server.settings import ServerConfig
 from foleyserve.server.storage import (
     CHECK_INTERVAL_S, ResultVerifier, StorageHealth, describe_storage_error, file_digest, is_storage_error,
@@ -187,11 +188,12 @@ class Service:
         live: list[str] = []
         for rec in self.store.active():
             upload = self.store.upload_path(rec.id)
-            if rec.upload and upload.is_file():
+            if rec.params.get("text_only") or (rec.upload and upload.is_file()):
                 if not self.store.update_if_active(rec.id, status="queued", started=None, progress_step=0, progress_total=0):
                     continue  # cancelled while the model loaded
                 try:
-                    self.batcher.submit(self._request_for(rec, upload), priority=rec.priority, job_id=rec.id)  # type: ignore[union-attr]
+                    self.batcher.submit(self._request_for(rec, upload), priority=rec.priority, job_id=rec.id,  # type: ignore[union-attr]
+                                        seeds=seeds_of(rec.params))
                     requeued += 1
                     live.append(upload.name)
                     continue
@@ -403,19 +405,8 @@ class Service:
         result = job.result
         if result is None:
             raise RuntimeError("the batcher reported success without a result")
-        fmt = rec.params["output"]
-        main = self.store.result_path(f"{rec.id}.{fmt}")
-        if not main.is_file():
-            raise FileNotFoundError(f"the batcher did not write {main.name}")
-        files = {"video" if fmt == "mp4" else "audio": main.name}
-        if fmt == "mp4":
-            # Players and the web page want the audio on its own; writing it now costs a few ms
-            # and spares the download route from demuxing AAC.
-            wav = self.store.result_path(f"{rec.id}.wav")
-            # The Foley at the job's loudness, like the mp4 (without a kept original's mix).
-            audio = result.output_waveform if result.output_waveform is not None else result.waveform
-            media.write_audio(wav, audio, result.sample_rate)
-            files["audio"] = wav.name
+        files = write_files(self.store, job, rec)
+        warnings = list(dict.fromkeys(str(w) for r in (job.results or [result]) for w in (r.warnings or [])))
         checksums = {n: file_digest(self.store.result_path(n)) for n in files.values()}
         return {
             "files": files,
@@ -424,7 +415,7 @@ class Service:
             "timings": {k: float(v) for k, v in (result.timings or {}).items()},
             "audio_seconds": float(result.audio_seconds),
             "video_seconds": float(result.video_seconds),
-            "warnings": [self._scrub(str(w), rec.id) for w in (result.warnings or [])],
+            "warnings": [self._scrub(w, rec.id) for w in warnings],
         }
 
     def _describe_failure(self, job: Any) -> tuple[str, str]:
@@ -457,7 +448,7 @@ class Service:
     def _request_for(self, rec: JobRecord, upload: Path) -> GenerationRequest:
         p = rec.params
         return GenerationRequest(
-            video=upload, prompt=p["prompt"], negative_prompt=p["negative_prompt"], steps=int(p["steps"]),
+            video=None if p.get("text_only") else upload, prompt=p["prompt"], negative_prompt=p["negative_prompt"], steps=int(p["steps"]),
             guidance=float(p["guidance"]), seed=int(p["seed"]),
             output=self.store.result_path(f"{rec.id}.{p['output']}"),
             keep_original_audio_gain=p.get("keep_original_audio"),
@@ -497,6 +488,8 @@ class Service:
             "keep_original_audio": p.get("keep_original_audio"),
             "duration": rec.audio_seconds, "video_duration": rec.video_seconds,
             "batch_size": rec.batch_size, "warnings": rec.warnings,
+            "text_only": bool(p.get("text_only")), "num_samples": int(p.get("num_samples") or 1),
+            "results": sample_list(rec, base, ok),
         }
 
     def check_prompts(self, prompt: str, negative_prompt: str) -> None:
