@@ -637,3 +637,132 @@ def test_info_asked_again_while_the_model_loads(server: LiveServer, page: Page) 
     # No demo flag in the second answer: the model's name tells.
     page.locator("[data-testid=demo-banner]").wait_for(state="visible", timeout=15_000)
     assert len(asked) == 2
+
+
+# -- text to audio and several samples ---------------------------------------------------------------
+
+
+def test_text_only_mode_submits_without_a_video(server: LiveServer, laptop: Page) -> None:
+    page = laptop
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    output = page.locator("[data-testid=output]")
+    assert "mp4" in output.locator("option").evaluate_all("os => os.map(o => o.value)")
+    page.check("[data-testid=mode-text]")
+    assert page.locator("[data-testid=video-field]").is_hidden()
+    duration = page.locator("[data-testid=duration]")
+    assert duration.is_visible()
+    assert (duration.get_attribute("min"), duration.get_attribute("max")) == ("0.64", "15")
+    assert output.locator("option").evaluate_all("os => os.map(o => o.value)") == ["wav", "flac"]
+    assert output.input_value() == "wav"
+    assert in_viewport(page, "[data-testid=generate]")["inside"]
+
+    # Out of range: refused in the page, naming the field.
+    page.fill("[data-testid=duration]", "20")
+    page.click("[data-testid=generate]")
+    page.wait_for_function("document.querySelector('[data-testid=alert-message]').textContent.startsWith('Duration')")
+
+    page.fill("[data-testid=duration]", "1.5")
+    page.fill("[data-testid=prompt]", "distant thunder")
+    page.fill("[data-testid=steps]", "2")
+    with page.expect_response(lambda r: r.request.method == "POST" and "/v1/generations" in r.url) as posted:
+        page.click("[data-testid=generate]")
+    assert posted.value.status == 202, posted.value.text()
+    sent = posted.value.request.post_data or ""
+    assert 'name="duration"' in sent and 'name="video"' not in sent and 'name="num_samples"' not in sent
+    page.wait_for_function("document.querySelector('[data-testid=status]').textContent.startsWith('Done')")
+    assert in_viewport(page, "[data-testid=status]")["inside"]
+    page.locator("[data-testid=result-audio]").wait_for(state="visible")
+    assert page.locator("[data-testid=result-video]").is_hidden()
+    page.wait_for_selector("[data-testid=waveform][data-drawn=true]")
+    assert "text only" in page.locator("[data-testid=result-meta]").inner_text()
+    assert page.locator("[data-testid=samples]").is_hidden()  # one sample: no list
+
+    # Back to a video: the picker and the mp4 choice return.
+    page.check("[data-testid=mode-video]")
+    assert page.locator("[data-testid=video-field]").is_visible() and page.locator("[data-testid=duration-field]").is_hidden()
+    assert "mp4" in output.locator("option").evaluate_all("os => os.map(o => o.value)")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def tone_wav(freq: float, seconds: float = 0.5, rate: int = 48000) -> bytes:
+    import io
+    import math
+    import struct
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        n = int(seconds * rate)
+        w.writeframes(b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * freq * i / rate))) for i in range(n)))
+    return buf.getvalue()
+
+
+def test_several_samples_are_listed_and_one_can_be_picked(server: LiveServer, laptop: Page) -> None:
+    page = laptop
+    seeds = [40, 41, 42]
+    base = f"/v1/generations/{FAKE_ID}"
+    results = [{"seed": s, "audio_url": f"{base}/audio?seed={s}", "video_url": None} for s in seeds]
+    job = {
+        "id": FAKE_ID, "status": "succeeded", "progress": {"step": 2, "total": 2}, "prompt": "rain", "seed": 40,
+        "output": "wav", "cache_hit": False, "timings": {}, "warnings": [], "num_samples": 3, "text_only": True,
+        "audio_url": results[0]["audio_url"], "video_url": None, "results": results, "expired": False,
+    }
+    posted: list[str] = []
+
+    def generations(route) -> None:
+        request = route.request
+        if request.method == "POST":
+            posted.append(request.post_data or "")
+            route.fulfill(status=202, content_type="application/json", body=json.dumps({"id": FAKE_ID, "status": "queued"}))
+        elif "/audio" in request.url:
+            seed = int(request.url.rsplit("seed=", 1)[1])
+            route.fulfill(content_type="audio/wav", body=tone_wav(200 + 100 * (seed - 40)))
+        elif request.url.endswith(FAKE_ID):
+            route.fulfill(content_type="application/json", body=json.dumps(job))
+        else:
+            route.fulfill(content_type="application/json", body=json.dumps({"items": []}))
+
+    page.route("**/v1/generations**", generations)
+    page.goto(server.url + "/")
+    wait_for_server_limits(page)
+    samples_input = page.locator("[data-testid=num-samples]")
+    assert (samples_input.get_attribute("min"), samples_input.get_attribute("max")) == ("1", "8")
+    page.check("[data-testid=mode-text]")
+    page.fill("[data-testid=seed]", "40")
+    page.fill("[data-testid=num-samples]", "9")  # over the server's limit: refused in the page
+    page.click("[data-testid=generate]")
+    page.wait_for_function("document.querySelector('[data-testid=alert-message]').textContent.startsWith('Samples')")
+    assert posted == []
+    page.fill("[data-testid=num-samples]", "3")
+    page.click("[data-testid=generate]")
+    page.wait_for_selector("[data-testid=sample] >> nth=2")
+    assert 'name="num_samples"\r\n\r\n3' in posted[0]
+
+    items = page.locator("[data-testid=sample]")
+    assert items.count() == 3
+    assert [items.nth(k).get_attribute("data-seed") for k in range(3)] == ["40", "41", "42"]
+    for k, seed in enumerate(seeds):
+        item = items.nth(k)
+        assert f"Seed {seed}" in item.inner_text()
+        assert (item.locator("[data-testid=sample-audio]").get_attribute("src") or "").startswith("blob:")
+        link = item.locator("[data-testid=sample-download]")
+        assert (link.get_attribute("href") or "").startswith("blob:") and f"seed{seed}" in (link.get_attribute("download") or "")
+    assert items.nth(0).get_attribute("data-picked") == "true"
+    meta = page.locator("[data-testid=result-meta]")
+    assert "40" in meta.inner_text()
+
+    # Picking the second highlights it and makes it the result shown above.
+    items.nth(1).locator("[data-testid=sample-pick]").click()
+    assert items.nth(1).get_attribute("data-picked") == "true" and items.nth(0).get_attribute("data-picked") == "false"
+    assert items.nth(1).locator("[data-testid=sample-pick]").get_attribute("aria-pressed") == "true"
+    page.wait_for_function("document.querySelector('[data-testid=download-main]').download.includes('seed41')")
+    page.wait_for_selector("[data-testid=waveform][data-drawn=true]")
+    assert "41" in meta.inner_text()
+    page.click("[data-testid=reuse-seed]")
+    assert page.locator("[data-testid=seed]").input_value() == "41"
+    assert in_viewport(page, "[data-testid=generate]")["inside"]
+    assert page.errors == []  # type: ignore[attr-defined]

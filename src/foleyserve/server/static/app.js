@@ -11,7 +11,12 @@ const KEY_STORAGE = "foleyserve.apiKey";
 const CLIENT_STORAGE = "foleyserve.clientId";
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 // What the page assumes of a server whose /v1/info is missing or older than the page.
-const FALLBACK_LIMITS = { steps: [1, 1000], guidance: [0, 100], maxUploadBytes: 0, maxSeconds: 15, maxPromptChars: 2000 };
+const FALLBACK_LIMITS = {
+  steps: [1, 1000], guidance: [0, 100], maxUploadBytes: 0, maxSeconds: 15, maxPromptChars: 2000,
+  numSamples: [1, 8], textSeconds: [0.64, 15],
+};
+// Without a video there is nothing to put the sound in: audio formats only.
+const TEXT_OUTPUTS = ["wav", "flac"];
 const OUTPUT_LABELS = {
   mp4: "MP4: the video with the new sound",
   wav: "WAV audio",
@@ -42,6 +47,15 @@ const el = {
   seed: $("seed"),
   seedRandom: $("seed-random"),
   output: $("output"),
+  modeRadios: document.querySelectorAll("input[name=mode]"),
+  videoField: $("video-field"),
+  durationField: $("duration-field"),
+  duration: $("duration"),
+  durationHint: $("duration-hint"),
+  numSamples: $("num-samples"),
+  samplesHint: $("samples-hint"),
+  samples: $("samples"),
+  sampleList: $("sample-list"),
   generate: $("generate"),
   jobEmpty: $("job-empty"),
   progressPanel: $("progress-panel"),
@@ -76,6 +90,9 @@ const state = {
   limits: { ...FALLBACK_LIMITS },
   info: null, // the promise of the latest /v1/info answer, which a submit waits for
   touched: new Set(), // fields the user has edited, which the server's defaults must not overwrite
+  mode: "video", // or "text": text to audio, no video
+  outputs: { video: ["mp4", "wav", "flac"], text: TEXT_OUTPUTS, videoDefault: "mp4", textDefault: "wav" },
+  samples: [], // [{seed, audioBlob, mainBlob}] of the shown job when it has several
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -384,13 +401,28 @@ el.reuseSeed.addEventListener("click", () => {
   }
 });
 
+function setMode(mode) {
+  state.mode = mode === "text" ? "text" : "video";
+  const textOnly = state.mode === "text";
+  el.videoField.hidden = textOnly;
+  el.durationField.hidden = !textOnly;
+  for (const radio of el.modeRadios) radio.checked = radio.value === state.mode;
+  const o = state.outputs;
+  setOutputs(textOnly ? o.text : o.video, textOnly ? o.textDefault : o.videoDefault);
+  if (textOnly) hideAlert(); // a message about the video no longer applies
+}
+
+for (const radio of el.modeRadios) radio.addEventListener("change", () => radio.checked && setMode(radio.value));
+
 function fieldLabel(input) {
   const label = document.querySelector(`label[for="${input.id}"]`);
   return label ? label.textContent.trim() : input.name;
 }
 
 function firstInvalidField() {
-  for (const input of [el.steps, el.guidance, el.seed]) {
+  const fields = [el.steps, el.guidance, el.seed, el.numSamples];
+  if (state.mode === "text") fields.unshift(el.duration);
+  for (const input of fields) {
     if (!input.checkValidity()) return input;
   }
   return null;
@@ -407,8 +439,9 @@ el.form.addEventListener("submit", async (e) => {
   e.preventDefault();
   if (state.uploading) return;
   hideAlert();
-  if (!state.file) {
-    showAlert("No video chosen: drop a video file on the drop zone or use the file picker.", "no_file");
+  const textOnly = state.mode === "text";
+  if (!textOnly && !state.file) {
+    showAlert("No video chosen: drop a video file on the drop zone or use the file picker, or choose Text only.", "no_file");
     el.videoInput.focus();
     return;
   }
@@ -421,7 +454,7 @@ el.form.addEventListener("submit", async (e) => {
       state.uploading = false;
     }
   }
-  if (tooLarge(state.file)) {
+  if (!textOnly && tooLarge(state.file)) {
     showAlert(tooLargeMessage(state.file), "payload_too_large");
     return;
   }
@@ -434,13 +467,16 @@ el.form.addEventListener("submit", async (e) => {
   // Sent as typed: seeds go up to 2**63, past what a JS number holds exactly.
   const seed = el.seed.value.trim() === "" ? String(randomSeed()) : el.seed.value.trim();
   const data = new FormData();
-  data.append("video", state.file, state.file.name);
+  if (textOnly) data.append("duration", el.duration.value);
+  else data.append("video", state.file, state.file.name);
   data.append("prompt", el.prompt.value);
   data.append("negative_prompt", el.negative.value);
   data.append("steps", el.steps.value);
   data.append("guidance", el.guidance.value);
   data.append("seed", seed);
   data.append("output", el.output.value);
+  // Only when asked for: a server older than the field would refuse it as unknown.
+  if (Number(el.numSamples.value) > 1) data.append("num_samples", el.numSamples.value);
   setUploading(0);
   let created;
   try {
@@ -535,6 +571,9 @@ function clearResult() {
   el.downloadAudio.removeAttribute("href");
   el.resultMeta.replaceChildren();
   el.reuseSeed.hidden = true;
+  state.samples = [];
+  el.sampleList.replaceChildren();
+  el.samples.hidden = true;
   const ctx = el.waveform.getContext("2d");
   ctx.clearRect(0, 0, el.waveform.width, el.waveform.height);
   delete el.waveform.dataset.drawn;
@@ -649,55 +688,99 @@ function describeTimings(timings) {
   return parts.join(" · ");
 }
 
+// Seed k of a job as exact text: the typed seed string plus k (seeds reach past 2**53).
+function takeSeed(job, result, k) {
+  const typed = state.submitted.get(job.id);
+  if (typed !== undefined && /^\d+$/.test(String(typed))) return String(BigInt(typed) + BigInt(k));
+  return result && result.seed !== undefined ? String(result.seed) : jobSeed(job);
+}
+
+async function fetchTake(job, result, k) {
+  const video = result ? result.video_url : job.video_url;
+  const audio = result ? result.audio_url : job.audio_url;
+  return {
+    seed: takeSeed(job, result, k),
+    mainBlob: video ? await fetchBlob(video) : null,
+    audioBlob: audio ? await fetchBlob(audio) : null,
+  };
+}
+
 async function showResult(job, token) {
-  const shortId = String(job.id).slice(0, 8);
-  let mainBlob = null;
-  let audioBlob = null;
+  const results = Array.isArray(job.results) && job.results.length > 1 ? job.results : null;
+  let takes;
   try {
-    if (job.video_url) mainBlob = await fetchBlob(job.video_url);
-    if (job.audio_url) audioBlob = await fetchBlob(job.audio_url);
+    // Every take is fetched up front: with an API key a plain link could not be played.
+    takes = results
+      ? await Promise.all(results.map((r, k) => fetchTake(job, r, k)))
+      : [await fetchTake(job, null, 0)];
   } catch (err) {
     if (token === state.track) showError(err);
     return;
   }
   if (token !== state.track) return;
-  if (!mainBlob && !audioBlob) {
+  if (!takes[0].mainBlob && !takes[0].audioBlob) {
     if (job.expired) showAlert("Result expired: the server has deleted this job's files (retention limit).", "expired");
     else showAlert("The job finished but the server lists no file to download.", "no_result_file");
     return;
   }
+  if (results) {
+    state.samples = takes;
+    renderSamples(job, token);
+  }
+  await showTake(job, takes[0], token);
+}
+
+function takeUrls(take) {
+  if (take.mainBlob && !take.mainUrl) take.mainUrl = objectUrl(take.mainBlob);
+  if (take.audioBlob && !take.audioUrl) take.audioUrl = objectUrl(take.audioBlob);
+  return take;
+}
+
+function takeName(job, take, ext) {
+  const label = state.samples.length > 1 ? `-seed${take.seed}` : "";
+  return `foley-${String(job.id).slice(0, 8)}${label}.${ext}`;
+}
+
+// The main player, downloads, details and waveform show one take (the first, or the one picked).
+async function showTake(job, take, token) {
+  takeUrls(take);
+  for (const player of [el.resultVideo, el.resultAudio]) {
+    player.pause();
+    player.hidden = true;
+  }
+  el.downloadMain.hidden = true;
+  el.downloadAudio.hidden = true;
   el.result.hidden = false;
-  if (mainBlob) {
-    const url = objectUrl(mainBlob);
-    el.resultVideo.src = url;
+  if (take.mainBlob) {
+    el.resultVideo.src = take.mainUrl;
     el.resultVideo.hidden = false;
-    el.downloadMain.href = url;
-    el.downloadMain.download = `foley-${shortId}.mp4`;
+    el.downloadMain.href = take.mainUrl;
+    el.downloadMain.download = takeName(job, take, "mp4");
     el.downloadMain.textContent = "Download video (MP4)";
     el.downloadMain.hidden = false;
-    if (audioBlob) {
-      const ext = extensionOf(audioBlob, "wav");
-      el.downloadAudio.href = objectUrl(audioBlob);
-      el.downloadAudio.download = `foley-${shortId}.${ext}`;
+    if (take.audioBlob) {
+      const ext = extensionOf(take.audioBlob, "wav");
+      el.downloadAudio.href = take.audioUrl;
+      el.downloadAudio.download = takeName(job, take, ext);
       el.downloadAudio.textContent = `Download audio (${ext.toUpperCase()})`;
       el.downloadAudio.hidden = false;
     }
   } else {
-    const ext = extensionOf(audioBlob, job.output || "wav");
-    const url = objectUrl(audioBlob);
-    el.resultAudio.src = url;
+    const ext = extensionOf(take.audioBlob, job.output || "wav");
+    el.resultAudio.src = take.audioUrl;
     el.resultAudio.hidden = false;
-    el.downloadMain.href = url;
-    el.downloadMain.download = `foley-${shortId}.${ext}`;
+    el.downloadMain.href = take.audioUrl;
+    el.downloadMain.download = takeName(job, take, ext);
     el.downloadMain.textContent = `Download audio (${ext.toUpperCase()})`;
     el.downloadMain.hidden = false;
   }
 
+  el.resultMeta.replaceChildren();
   if (job.prompt !== undefined) metaRow("Prompt", job.prompt || "(none)");
-  const seed = state.submitted.get(job.id) ?? jobSeed(job);  // the typed string is exact; JSON numbers may not be
-  if (seed !== null) {
-    metaRow("Seed", String(seed));
-    state.lastSeed = seed;
+  if (job.text_only) metaRow("Source", "text only (no video)");
+  if (take.seed !== null && take.seed !== undefined) {
+    metaRow("Seed", String(take.seed));
+    state.lastSeed = take.seed;
     el.reuseSeed.hidden = false;
   }
   metaRow("Cache", job.cache_hit ? "hit: no model ran" : "miss");
@@ -706,7 +789,61 @@ async function showResult(job, token) {
   if (Array.isArray(job.warnings) && job.warnings.length) metaRow("Notes", job.warnings.join(" "));
 
   // The WAV is the cheapest thing to decode; the MP4's AAC track is the fallback.
-  await drawFromBlob(audioBlob || mainBlob, token);
+  await drawFromBlob(take.audioBlob || take.mainBlob, token);
+}
+
+function renderSamples(job, token) {
+  const items = state.samples.map((take, k) => {
+    takeUrls(take);
+    const li = document.createElement("li");
+    li.className = "sample";
+    li.dataset.testid = "sample";
+    li.dataset.seed = String(take.seed);
+    const label = document.createElement("span");
+    label.className = "sample-seed";
+    label.textContent = `Seed ${take.seed}`;
+    const audio = document.createElement("audio");
+    audio.controls = true;
+    audio.preload = "metadata";
+    audio.dataset.testid = "sample-audio";
+    audio.setAttribute("aria-label", `Sample with seed ${take.seed}`);
+    if (take.audioUrl) audio.src = take.audioUrl;
+    const link = document.createElement("a");
+    link.className = "button-link secondary";
+    link.dataset.testid = "sample-download";
+    const main = take.mainBlob ? take.mainUrl : take.audioUrl;
+    const ext = take.mainBlob ? "mp4" : extensionOf(take.audioBlob, job.output || "wav");
+    link.href = main;
+    link.download = takeName(job, take, ext);
+    link.textContent = "Download";
+    link.setAttribute("aria-label", `Download the sample with seed ${take.seed}`);
+    const pick = document.createElement("button");
+    pick.type = "button";
+    pick.className = "secondary";
+    pick.dataset.testid = "sample-pick";
+    pick.addEventListener("click", () => pickSample(job, k, token));
+    li.append(label, audio, link, pick);
+    return li;
+  });
+  el.sampleList.replaceChildren(...items);
+  el.samples.hidden = false;
+  markPicked(0);
+}
+
+function markPicked(k) {
+  el.sampleList.querySelectorAll(".sample").forEach((li, i) => {
+    const picked = i === k;
+    li.dataset.picked = String(picked);
+    const button = li.querySelector("[data-testid=sample-pick]");
+    button.setAttribute("aria-pressed", String(picked));
+    button.textContent = picked ? "In use" : "Use this one";
+  });
+}
+
+async function pickSample(job, k, token) {
+  if (token !== state.track || !state.samples[k]) return;
+  markPicked(k);
+  await showTake(job, state.samples[k], token);
 }
 
 async function drawFromBlob(blob, token) {
@@ -985,7 +1122,21 @@ function applyInfo(info) {
   if (seed) el.seed.max = String(seed[1]);
   if (typeof defaults.negative_prompt === "string" && !state.touched.has(el.negative.id)) el.negative.value = defaults.negative_prompt;
   for (const input of [el.prompt, el.negative]) input.maxLength = state.limits.maxPromptChars;
-  setOutputs(limits.outputs, defaults.output);
+  if (Array.isArray(limits.outputs) && limits.outputs.length) state.outputs.video = limits.outputs;
+  if (typeof defaults.output === "string") state.outputs.videoDefault = defaults.output;
+  const textOutputs = Array.isArray(limits.text_only_outputs) ? limits.text_only_outputs : TEXT_OUTPUTS;
+  state.outputs.text = textOutputs.filter((name) => state.outputs.video.includes(name));
+  if (state.outputs.text.length === 0) state.outputs.text = textOutputs;
+  if (typeof defaults.text_only_output === "string") state.outputs.textDefault = defaults.text_only_output;
+  setMode(state.mode);
+  const samples = pair(limits.num_samples, FALLBACK_LIMITS.numSamples);
+  const seconds = pair(limits.text_only_seconds, FALLBACK_LIMITS.textSeconds);
+  state.limits.numSamples = samples;
+  state.limits.textSeconds = seconds;
+  setNumberField(el.numSamples, samples, defaults.num_samples);
+  el.samplesHint.textContent = `${samples[0]}–${samples[1]} takes in one run (seed, seed + 1, …); pick the best.`;
+  setNumberField(el.duration, seconds, undefined);
+  el.durationHint.textContent = `${seconds[0]}–${seconds[1]} s of audio, made from the description alone.`;
 
   const parts = [];
   if (state.limits.maxUploadBytes > 0) parts.push(`Up to ${formatBytes(state.limits.maxUploadBytes)}`);
@@ -996,7 +1147,7 @@ function applyInfo(info) {
   document.body.dataset.limits = "server"; // lets a test tell the server's values from the page's own
 }
 
-for (const input of [el.steps, el.guidance, el.negative, el.output]) {
+for (const input of [el.steps, el.guidance, el.negative, el.output, el.numSamples, el.duration]) {
   input.addEventListener("input", () => state.touched.add(input.id));
 }
 
