@@ -141,3 +141,43 @@ def test_info_and_openapi_describe_the_new_fields(client: TestClient) -> None:
     assert "duration" in post_op["description"]
     params = spec["paths"]["/v1/generations/{job_id}/audio"]["get"]["parameters"]
     assert any(p["name"] == "seed" for p in params)
+
+
+def test_a_text_only_sample_job_survives_a_restart(engine: Engine, tmp_path: Path) -> None:
+    # A text-only job has no upload to re-queue from: its parameters are all it needs.
+    import time
+
+    from foleyserve.server.jobs import JobRecord, JobStore
+
+    data = tmp_path / "crashed"
+    store = JobStore(data)
+    params = {"prompt": "hail", "negative_prompt": "noisy, harsh", "steps": 2, "guidance": 4.5, "seed": 7, "output": "wav",
+              "keep_original_audio": None, "start": 0.0, "duration": 1.0, "text_only": True, "num_samples": 2}
+    store.add(JobRecord(id="d" * 32, status="running", priority="interactive", params=params, created=time.time()))
+    store.close()
+    with TestClient(create_app(ServerConfig(data_dir=data, cache="memory"), engine=engine)) as c:
+        deadline = time.monotonic() + 60
+        while (job := c.get(f"/v1/generations/{'d' * 32}").json())["status"] != "succeeded":
+            assert job["status"] in ("queued", "preparing", "running") and time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert [s["seed"] for s in job["results"]] == [7, 8]
+        assert all(c.get(s["audio_url"]).status_code == 200 for s in job["results"])
+
+
+def test_cancelling_a_running_sample_job_leaves_no_files(client: TestClient, clip: bytes) -> None:
+    import time
+
+    r = client.post("/v1/generations", files={"video": ("clip.mp4", clip, "video/mp4")},
+                    data={"steps": "1000", "num_samples": "3", "output": "wav"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while not ((job := client.get(f"/v1/generations/{job_id}").json())["status"] == "running" and job["progress"]["step"] > 0):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+    client.delete(f"/v1/generations/{job_id}")
+    while (job := client.get(f"/v1/generations/{job_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+    assert job["status"] == "cancelled" and job["results"] == []
+    assert not list(Path(client.app.state.service.store.results_dir).glob(f"{job_id}*"))
