@@ -32,7 +32,10 @@ from foleyserve.models.sync_scorer import (
     resample,
 )
 
-__all__ = ["Scorers", "as_scorers", "clap_audio_text_score", "desync_from_features", "desync_score", "rank", "score_candidates"]
+__all__ = [
+    "Scorers", "as_scorers", "clap_audio_text_score", "desync_from_features", "desync_score", "parse_measures", "rank",
+    "score_candidates", "usable_measures",
+]
 
 FOLEY_RATE = 48000
 SYNC_FRAMES_PER_SEGMENT = 8  # visual tokens per 16-frame segment
@@ -242,6 +245,24 @@ def rank(candidates: Sequence[dict[str, Any]], by: Sequence[str] = ("desync", "c
     ordered = sorted(candidates, key=sort_key)
     ranked = [{**c, "rank": r} for r, c in enumerate(ordered)]
     return ranked[0], ranked
+
+
+def parse_measures(by: str | Sequence[str]) -> tuple[str, ...]:
+    """``"desync,clap"`` (or a sequence) -> ``("desync", "clap")``: known measures, each once, in order."""
+    parts = [p.strip().lower() for p in (by.split(",") if isinstance(by, str) else by)]
+    parts = [p for p in parts if p]
+    if not parts or len(set(parts)) != len(parts) or any(p not in _DIRECTION for p in parts):
+        raise ValueError(f"rank by {', '.join(_DIRECTION)} or both, in order, each once (e.g. desync,clap); got {by!r}")
+    return tuple(parts)
+
+
+def usable_measures(candidates: Sequence[dict[str, Any]], by: Sequence[str]) -> tuple[str, ...]:
+    """The measures of ``by`` that some candidate has, or ``("clap",)`` when none has any.
+
+    DeSync is None for clips under 4.8 s (and for text to audio); ranking by it alone would then
+    keep the first candidate for no reason, so CLAP, which every clip has, decides instead."""
+    have = tuple(k for k in by if any(c.get(k) is not None for c in candidates))
+    return have or ("clap",)
 
 
 def load_scorers(

@@ -17,6 +17,8 @@ from foleyserve import media
 from foleyserve.config import EngineConfig
 # Re-exported: Components lived here before it moved out to break the loaders' import circle.
 from foleyserve.pipeline.components import Components
+# Re-exported: the device and precision resolvers live in devices.py.
+from foleyserve.pipeline.devices import PRECISIONS, resolve_device, resolve_precision  # noqa: F401
 from foleyserve.pipeline import longform
 from foleyserve.pipeline.features import (
     TextFeatures,
@@ -38,39 +40,7 @@ from foleyserve.pipeline.stages import StageTimer
 log = logging.getLogger("foleyserve")
 
 MAX_SECONDS = 15.0  # the official decoder stops at the first frame after 15 s (15.04 s of audio)
-# Precision policy -> the dtype the checkpoints are loaded in before the policy converts the DiT.
-PRECISIONS = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp8": torch.bfloat16,
-    "fp8-weight-only": torch.bfloat16,
-}
-
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise RequestError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise RequestError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def resolve_precision(precision: str) -> torch.dtype:
-    try:
-        return PRECISIONS[precision]
-    except KeyError:
-        raise RequestError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}") from None
 
 
 # A compiled step is one graph per shape bucket; CLAP prompts vary in token count, so with compile
@@ -139,6 +109,10 @@ class Engine:
     # The compiled step runner (pipeline/stepgraph.py) when compile is on; None runs eagerly.
     step_graphs: "StepGraphs | None" = None
     compile_cache: Path | None = None
+    # Where the weights came from: best-of loads its scorers (pipeline/bestof.py) from here, once.
+    model_dir: Path | None = None
+    clap_dir: Path | None = None
+    scorers: object | None = field(default=None, repr=False)  # scoring.Scorers, loaded on first use
     _lender: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -173,7 +147,7 @@ class Engine:
         dev = resolve_device(device)
         dtype = resolve_precision(precision)
         comps = load_components(model_dir, model=model, dtype=dtype, device=dev, siglip_dir=siglip_dir, clap_dir=clap_dir)
-        engine = cls(components=comps, precision=precision)
+        engine = cls(components=comps, precision=precision, model_dir=Path(model_dir), clap_dir=clap_dir and Path(clap_dir))
         if precision not in ("fp32", "bf16", "fp16"):
             # fp8 policies convert the bf16-loaded DiT; the plain dtypes are exact as loaded
             # (the official numerics: every DiT layer in that dtype).
@@ -203,7 +177,8 @@ class Engine:
                 clap_dir=config.clap_dir,
             )
             comps.device = dev
-            engine = cls(components=comps, precision=config.precision)
+            engine = cls(components=comps, precision=config.precision, model_dir=Path(config.model_dir),  # type: ignore[arg-type]
+                         clap_dir=config.clap_dir and Path(config.clap_dir))
         return engine.configure(config)
 
     def configure(self, config: "EngineConfig") -> "Engine":

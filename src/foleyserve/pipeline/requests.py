@@ -148,3 +148,8 @@ class GenerationResult:
     output_waveform: torch.Tensor | None = None
     # What the loudness step measured and did (foleyserve.loudness.LoudnessReport); None when off.
     loudness: Any = None
+    # Best-of-N (pipeline/bestof.py): every candidate's scores, in seed order, each a dict
+    # {seed, desync, offsets_sec, clap, rank, kept, file}; ``ranked_by`` the measures that decided
+    # (DeSync drops out for clips under 4.8 s). None for a plain generation.
+    candidates: list[dict[str, Any]] | None = None
+    ranked_by: list[str] | None = None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from foleyserve.pipeline.requests import GenerationRequest, GenerationResult, RequestError
 
 if TYPE_CHECKING:
-    from foleyserve.pipeline.pipeline import Engine, ProgressFn
+    from foleyserve.pipeline.pipeline import Engine, PreparedJob, ProgressFn
 
 MAX_VARIATIONS = 16
 
@@ -36,11 +36,10 @@ def variation_requests(request: GenerationRequest, seeds: list[int]) -> list[Gen
     return [replace(request, seed=int(s), output=sample_output(request.output, int(s))) for s in seeds]
 
 
-def generate_variations(engine: "Engine", request: GenerationRequest, seeds: list[int],
-                        progress: "ProgressFn | None" = None) -> list[GenerationResult]:
-    """``len(seeds)`` variations of ``request`` (its ``seed`` is ignored), in seed order.
-
-    A request the windowed long-video path handles (over 15 s) runs once per seed instead."""
+def variation_jobs(engine: "Engine", request: GenerationRequest, seeds: list[int],
+                   progress: "ProgressFn | None" = None) -> "list[PreparedJob] | None":
+    """One prepared job per seed, all sharing one run of the encoders (None when ``request`` is a
+    long one that runs in windows instead). Each job writes its own file (:func:`sample_output`)."""
     from foleyserve.pipeline.pipeline import PreparedJob
 
     requests = variation_requests(request, seeds)
@@ -51,9 +50,19 @@ def generate_variations(engine: "Engine", request: GenerationRequest, seeds: lis
     except ImportError:  # the long-video path is optional here
         longform = None  # type: ignore[assignment]
     if longform is not None and request.video is not None and longform.plan_for(requests[0]) is not None:
-        return [engine.generate(r, progress=progress) for r in requests]
+        return None
     first = engine.prepare(replace(requests[0], output=None), progress=progress)
-    jobs = [PreparedJob(request=r, visual=first.visual, text=first.text, decoded=first.decoded, timer=copy.deepcopy(first.timer))
+    return [PreparedJob(request=r, visual=first.visual, text=first.text, decoded=first.decoded, timer=copy.deepcopy(first.timer))
             for r in requests]
+
+
+def generate_variations(engine: "Engine", request: GenerationRequest, seeds: list[int],
+                        progress: "ProgressFn | None" = None) -> list[GenerationResult]:
+    """``len(seeds)`` variations of ``request`` (its ``seed`` is ignored), in seed order.
+
+    A request the windowed long-video path handles (over 15 s) runs once per seed instead."""
+    jobs = variation_jobs(engine, request, seeds, progress)
+    if jobs is None:
+        return [engine.generate(r, progress=progress) for r in variation_requests(request, seeds)]
     latents = engine.sample_jobs(jobs, progress=progress)
     return [engine.finish(job, lat) for job, lat in zip(jobs, latents)]
