@@ -272,7 +272,7 @@ def check_before_loading(config: "EngineConfig", requests: "Sequence[GenerationR
     Raises :class:`UsageError` with the first problem.
     """
     from foleyserve.pipeline.model_dir import check_model_folder
-    from foleyserve.pipeline.pipeline import resolve_device
+    from foleyserve.pipeline.devices import resolve_device
     from foleyserve.preflight import PromptChecker, check_video
 
     try:
@@ -434,6 +434,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_output(out)
     request = extra.complete_request(_request(args, args.video, out, gain=args.keep_original_audio), args)
     _validate(request)  # first: it needs no model code imported, so a bad flag fails fastest
+    extra.check_request(request, args)
     config = engine_config_from_args(args)
     check_before_loading(config, [request])
     for result in extra.run_requested(load_engine(config), request, args, _run_one):  # several with --num-samples

@@ -16,6 +16,7 @@ from foleyserve.cli import UsageError
 
 if TYPE_CHECKING:
     from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.cli import _Progress
     from foleyserve.pipeline.requests import GenerationRequest, GenerationResult
 
 # Engine flags that --auto decides; a flag given explicitly keeps its value. The parser's defaults
@@ -35,8 +36,12 @@ def add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, metavar="N",
                    help="N variations in one batch, seeds SEED..SEED+N-1; each written as NAME_seed{S}.EXT")
     p.add_argument("--seeds", metavar="S1,S2,...", help="variations with these seeds (instead of --seed / --num-samples)")
-    p.add_argument("--best-of", type=int, metavar="N", help="generate N variations and keep the best by --rank (needs foleyserve.scoring)")
-    p.add_argument("--rank", default="desync,clap", metavar="MEASURES", help="what --best-of ranks by (default desync,clap)")
+    p.add_argument("--best-of", type=int, metavar="N",
+                   help="generate N variations in one batch (seeds SEED..SEED+N-1), score each (DeSync, CLAP) and write only the best to --out")
+    p.add_argument("--rank", metavar="MEASURES",
+                   help="what --best-of ranks by, in order: desync, clap or both (default desync,clap; DeSync is lower-better "
+                        "and needs 4.8 s of video: shorter clips rank by CLAP)")
+    p.add_argument("--keep-all", action="store_true", help="with --best-of, also write every candidate as NAME_seed{S}.EXT")
     p.set_defaults(model=None, offload=None)
 
 
@@ -62,16 +67,45 @@ def seeds_from_args(args: argparse.Namespace) -> list[int] | None:
 
 
 def check_best_of(args: argparse.Namespace) -> None:
-    """``--best-of``: the hook for ranking variations with :mod:`foleyserve.scoring`.
+    """``--best-of N [--rank MEASURES] [--keep-all]``: refuse what cannot run before any model loads.
+    Sets ``args.rank_measures`` (a tuple) for :func:`run_requested`."""
+    from foleyserve.scoring import parse_measures
 
-    The scorers (DeSync, CLAP audio-text; ``scoring.score_candidates`` / ``scoring.rank``) are not
-    wired in yet: this refuses rather than silently keeping every sample. To wire it: generate the
-    variations (``run_requested``), score their waveforms against the prepared features, keep
-    ``rank(..., by=args.rank.split(","))[0]`` and write only that one to ``--out``."""
     if getattr(args, "best_of", None) is None:
+        for flag in ("rank", "keep_all"):
+            if getattr(args, flag, None):
+                raise UsageError(f"--{flag.replace('_', '-')} goes with --best-of N")
         return
-    raise UsageError("--best-of is not available yet in `generate` (the scorers are not wired in); "
-                     "use --num-samples N and compare the files")
+    try:
+        args.rank_measures = parse_measures(getattr(args, "rank", None) or "desync,clap")
+    except ValueError as e:
+        raise UsageError(f"--rank: {e}") from None
+
+
+def check_request(request: "GenerationRequest", args: argparse.Namespace) -> None:
+    """What the options refuse for this request before the model loads: best-of over 15 s."""
+    if getattr(args, "best_of", None) is None or request.video is None:
+        return
+    from foleyserve.pipeline import longform
+
+    if longform.plan_for(request) is not None:
+        raise UsageError("--best-of runs on one clip of up to 15 s; for a longer range use --num-samples N "
+                         "and compare the files (e.g. with `foleyserve score`)")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def candidates_table(candidates: list[dict], ranked_by: list[str]) -> str:
+    """The --best-of table: one row per candidate in seed order, its scores, rank and which was kept."""
+    lines = [f"best of {len(candidates)}, ranked by {', then '.join(ranked_by)}:",
+             f"  {'seed':>6}  {'desync_s':>8}  {'offsets_s':>13}  {'clap':>8}  {'rank':>4}"]
+    for c in candidates:
+        offsets = "n/a" if c["offsets_sec"] is None else "/".join(f"{o:+.2f}" for o in c["offsets_sec"])
+        kept = "  <- kept" if c["kept"] else ""
+        lines.append(f"  {c['seed']:>6}  {_fmt(c['desync'], '.2f'):>8}  {offsets:>13}  {_fmt(c['clap'], '.4f'):>8}  {c['rank']:>4}{kept}")
+    return "\n".join(lines)
 
 
 def resolve_generate_args(args: argparse.Namespace) -> None:
@@ -147,8 +181,25 @@ def run_requested(engine: "Engine", request: "GenerationRequest", args: argparse
 
     progress = _Progress()
     try:
+        if getattr(args, "best_of", None) is not None:
+            return [_run_best_of(engine, request, args, seeds, progress)]
         return generate_variations(engine, request, seeds, progress=progress)
     except _generation_errors() as err:
         raise UsageError(str(err)) from None
     finally:
         progress.close()
+
+
+def _run_best_of(engine: "Engine", request: "GenerationRequest", args: argparse.Namespace, seeds: list[int],
+                 progress: "_Progress") -> "GenerationResult":
+    from foleyserve.pipeline.bestof import best_of
+
+    result, candidates = best_of(engine, request, rank=args.rank_measures, seeds=seeds,
+                                 keep_all=bool(getattr(args, "keep_all", False)), progress=progress)
+    progress.close()  # the table goes to stdout: no bar left half-drawn above it
+    # The ranking's notes (CLAP alone, demo scorers) are among the result's warnings, printed after.
+    print(candidates_table(candidates, result.ranked_by or []))
+    written = [c["file"] for c in candidates if c["file"]]
+    if written:
+        print(f"every candidate written: {', '.join(written)}")
+    return result
