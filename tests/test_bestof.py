@@ -130,6 +130,22 @@ def test_best_of_refusals_and_scorer_cache(engine: Engine, monkeypatch) -> None:
     assert "scorers" not in result.timings  # only the first best-of of an engine loads them
 
 
+def test_rank_results_for_text_to_audio_is_json_and_clap_only(engine: Engine) -> None:
+    import json
+
+    from foleyserve.pipeline.bestof import rank_results
+    from foleyserve.pipeline.variations import generate_variations
+
+    request = GenerationRequest(video=None, prompt=PROMPT, steps=2, duration=1.0)
+    results = generate_variations(engine, request, [3, 8])
+    ranking = rank_results(engine, results, prompt=PROMPT, sync_feat=None)
+    payload = json.loads(json.dumps(ranking.as_dict()))
+    assert payload["ranked_by"] == ["clap"] and payload["asked"] == ["desync", "clap"]
+    assert [c["seed"] for c in payload["candidates"]] == [3, 8]
+    assert payload["best_seed"] == max(payload["candidates"], key=lambda c: c["clap"])["seed"]
+    assert any("text to audio" in n for n in payload["notes"])
+
+
 def test_measures_parse_and_fall_back() -> None:
     assert parse_measures("desync,clap") == ("desync", "clap") and parse_measures(" CLAP ") == ("clap",)
     for bad in ("", "desync,desync", "sync"):

@@ -8,6 +8,20 @@ own, for callers that ran the variations themselves (the server's batcher).
 
 DeSync needs 4.8 s of video and audio; a shorter clip (or text to audio, which has no video) is
 ranked by CLAP alone, and the result says so.
+
+For a server (the engine is not thread-safe: call these where the batcher runs the engine):
+
+* ``best_of(engine, request, n, rank=("desync", "clap"), scorers=None, *, seeds=None,
+  keep_all=False, progress=None) -> (GenerationResult, list[dict])``: the whole thing for one
+  request; the result's ``candidates``/``ranked_by`` go into the job's record as they are (plain
+  JSON types).
+* ``rank_results(engine, results, *, prompt, sync_feat, rank=("desync", "clap"), scorers=None)
+  -> Ranking``: when the batcher ran the variations itself (``variation_jobs`` +
+  ``Engine.sample_jobs`` + ``Engine.finish`` with no output); ``sync_feat`` is the jobs'
+  ``visual.sync`` (None for text to audio). ``Ranking.best`` indexes ``results``;
+  ``Ranking.as_dict()`` is the JSON for the API. Write the best with ``Engine.write_result``.
+* ``engine_scorers(engine)`` loads the scorers ahead of time (a server's warm-up), else the first
+  best-of does.
 """
 
 from __future__ import annotations
