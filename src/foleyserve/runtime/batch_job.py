@@ -69,6 +69,10 @@ class Job:
     # order (``result`` is the first). None for a one-sample job.
     seeds: tuple[int, ...] | None = None
     results: list[GenerationResult] | None = None
+    # best_of: the measures to rank the samples by, then the ranking (bestof.Ranking.as_dict();
+    # ``result`` is then the kept sample, not the first).
+    rank: tuple[str, ...] | None = None
+    ranking: dict | None = None
 
     _seq: int = field(default=0, init=False, repr=False)
     _submitted: float = field(default_factory=time.monotonic, init=False, repr=False)

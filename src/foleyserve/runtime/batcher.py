@@ -227,10 +227,10 @@ class Batcher(ResultFastPath):
 
     def submit(
         self, request: GenerationRequest, *, priority: str = "interactive", job_id: str | None = None,
-        seeds: list[int] | None = None,
+        seeds: list[int] | None = None, rank: tuple[str, ...] | None = None,
     ) -> Job:
         """Queue a request; with ``seeds``, one sample per seed in one job (``request.seed`` is
-        ignored; see :mod:`foleyserve.runtime.samples`). Raises :class:`RequestError` for an invalid
+        ignored; see :mod:`foleyserve.runtime.samples`), ranked by ``rank`` when given. Raises :class:`RequestError` for an invalid
         request and :class:`QueueFull` when the queue is at ``max_queue``."""
         request.validate()
         if priority not in PRIORITIES:
@@ -260,7 +260,7 @@ class Batcher(ResultFastPath):
                     retry_after=wait,
                 )
             job = Job(id=job_id, request=request, priority=priority, progress=(0, request.steps),
-                      seeds=tuple(seeds) if seeds is not None else None)
+                      seeds=tuple(seeds) if seeds is not None else None, rank=rank if seeds is not None else None)
             job._seq = next(self._seq)
             job._source_key = source_key
             self._jobs[job_id] = job
@@ -483,7 +483,7 @@ class Batcher(ResultFastPath):
         # The frames were only for the encoders; finish() needs just the duration.
         prepared.decoded = dataclasses.replace(decoded, frames={})
         if job.seeds is not None:
-            many = samples.expand(prepared, list(job.seeds))
+            many = samples.expand(prepared, list(job.seeds), rank=job.rank)
             self._make_ready(job, many, many.batch_key())
             return
         self._make_ready(job, prepared, (*prepared.batch_key(), int(visual.siglip.shape[1])))
@@ -594,7 +594,7 @@ class Batcher(ResultFastPath):
                     result = longform.finish(self.engine, prep, lat)  # type: ignore[arg-type]
                 elif samples.is_samples(prep):
                     job.results = samples.finish(self.engine, prep, lat)  # type: ignore[arg-type]
-                    result = job.results[0]
+                    job.ranking, result = prep.ranking, job.results[prep.best]  # type: ignore[union-attr]
                 else:
                     result = self._restore(job, self.engine.finish(prep, lat))  # type: ignore[arg-type]
             except Exception as e:

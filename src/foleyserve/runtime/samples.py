@@ -5,12 +5,17 @@ queue with a batch key of its own: the prepare thread decodes and encodes once, 
 thread runs every seed as a row of one loop (what :func:`foleyserve.pipeline.variations.generate_variations`
 does for the CLI). Its rows never mix with other jobs: they share every condition, so the only
 thing batching them with strangers would buy is a longer wait for all of them.
+
+With ``rank`` (the server's ``best_of``) the written samples are then scored and ranked by
+:func:`foleyserve.pipeline.bestof.rank_results`, with the Synchformer features the job already
+computed; every sample's file stays (a client may prefer another), ``best`` says which one is kept.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -31,6 +36,9 @@ class SamplesJob:
 
     request: GenerationRequest
     rows: list[PreparedJob]
+    rank: tuple[str, ...] | None = None
+    ranking: dict[str, Any] | None = None  # after finish(), with rank: bestof.Ranking.as_dict()
+    best: int = 0  # the index of the kept row (the first without rank)
 
     def batch_key(self) -> tuple:
         return ("samples", id(self))
@@ -52,14 +60,14 @@ def check(request: GenerationRequest, seeds: list[int]) -> None:
         )
 
 
-def expand(prepared: PreparedJob, seeds: list[int]) -> SamplesJob:
+def expand(prepared: PreparedJob, seeds: list[int], rank: tuple[str, ...] | None = None) -> SamplesJob:
     """One row per seed, each writing its own file (``NAME_seed{S}.EXT``)."""
     rows = [
         PreparedJob(request=r, visual=prepared.visual, text=prepared.text, decoded=prepared.decoded,
                     timer=copy.deepcopy(prepared.timer))
         for r in variation_requests(prepared.request, seeds)
     ]
-    return SamplesJob(request=prepared.request, rows=rows)
+    return SamplesJob(request=prepared.request, rows=rows, rank=rank)
 
 
 def is_samples(job: object) -> bool:
@@ -81,15 +89,30 @@ def sample(
 
 
 def finish(engine: "Engine", job: SamplesJob, latents: "list[torch.Tensor]") -> list[GenerationResult]:
-    """DAC decode and write each row; a failure fails the whole job (its files are removed)."""
+    """DAC decode and write each row, then rank them if asked; a failure fails the whole job (its
+    files are removed)."""
     results: list[GenerationResult] = []
     try:
         for row, lat in zip(job.rows, latents):
             results.append(engine.finish(row, lat))
+        if job.rank:
+            _rank(engine, job, results)
     except BaseException:
         discard(results)
         raise
     return results
+
+
+def _rank(engine: "Engine", job: SamplesJob, results: list[GenerationResult]) -> None:
+    from foleyserve.pipeline.bestof import rank_results
+
+    # Text to audio has a stand-in clip whose sync features mean nothing: no DeSync for it.
+    sync = None if job.request.video is None else job.rows[0].visual.sync
+    ranking = rank_results(engine, results, prompt=job.request.prompt, sync_feat=sync, rank=job.rank)
+    job.ranking, job.best = ranking.as_dict(), ranking.best
+    kept = results[ranking.best]
+    kept.timings["score"] = ranking.seconds
+    kept.warnings.extend(ranking.notes)
 
 
 def discard(results: list[GenerationResult]) -> None:

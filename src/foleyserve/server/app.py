@@ -43,10 +43,13 @@ from foleyserve.server.docs import mount_docs
 from foleyserve.server.errors import (
     MAX_SEED, MAX_WAIT_S, ApiError, add_error_handlers, error_response, param_rules, submit_error, validation_message,
 )
-from foleyserve.server.forms import NUM_SAMPLES, check_text_only, form_model, openapi_request_body, parse_fields, receive_form
+from foleyserve.server.forms import (
+    BEST_OF, DEFAULT_RANK, NUM_SAMPLES, RANK_MEASURES, check_text_only, form_model, openapi_request_body, parse_fields,
+    receive_form, resolve_best_of,
+)
 from foleyserve.server.jobs import ACTIVE_STATUSES, JobRecord
 from foleyserve.server.prometheus import CONTENT_TYPE
-from foleyserve.server.results import file_key, seeds_of
+from foleyserve.server.results import file_key, rank_of, seeds_of
 from foleyserve.server.schemas import ERROR_RESPONSES, ErrorBody, Health, JobBody, JobList, Ready
 from foleyserve.server.service import Service, unlink
 from foleyserve.server.settings import ServerConfig
@@ -197,6 +200,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "window_seconds": MAX_SECONDS,
                 "loudness": [MIN_TARGET_LUFS, MAX_TARGET_LUFS], "bit_depths": list(BIT_DEPTHS),
                 "num_samples": list(NUM_SAMPLES),
+                # best_of: num_samples plus a ranking by these measures (DeSync needs 4.8 s of video).
+                "best_of": list(BEST_OF), "rank_measures": list(RANK_MEASURES),
                 # Text to audio (no video): duration is the audio's length, output wav or flac.
                 "text_only_seconds": list(TEXT_ONLY_SECONDS), "text_only_outputs": ["wav", "flac"],
             },
@@ -205,7 +210,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "output": "mp4", "priority": config.default_priority,
                 # LUFS (loudness=off: the raw model output); the true peak is a fixed ceiling in dBTP.
                 "loudness": DEFAULT_LOUDNESS, "true_peak": DEFAULT_TRUE_PEAK_DBTP, "bit_depth": None,
-                "num_samples": 1, "text_only_output": "wav",
+                "num_samples": 1, "text_only_output": "wav", "best_of": None, "rank": DEFAULT_RANK,
             },
             "auth": bool(config.api_key),
             # The web page warns before the first run that the demo model's audio is noise.
@@ -225,7 +230,9 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             "of the audio; output is wav (default) or flac, and `keep_original_audio` and `start` do not apply. "
             f"`num_samples` ({NUM_SAMPLES[0]}-{NUM_SAMPLES[1]}) makes one sample per seed `seed` .. `seed + num_samples - 1` "
             "in one denoising batch; the job's `results` lists them and `GET .../audio?seed=S` downloads one. Only "
-            "one-sample jobs are answered from the result cache."
+            "one-sample jobs are answered from the result cache. `best_of` (2-8) is `num_samples` plus a ranking by "
+            "`rank` (default desync,clap): the job's `candidates` carry each one's scores, best first, and "
+            "`audio_url`/`video_url` are the best one's."
         ),
         openapi_extra={"requestBody": openapi_request_body(fields_model)},
         responses={
@@ -233,7 +240,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             400: {"model": ErrorBody, "description": "The multipart body was cut short"},
             413: {"model": ErrorBody, "description": "Upload over the size limit"},
             415: {"model": ErrorBody, "description": "The upload is not a video, or the body is not multipart/form-data"},
-            422: {"model": ErrorBody, "description": "Corrupt or too-short video, no video and no duration, a parameter out of range (num_samples 1-8; without a video duration 0.64-15 and no mp4), a repeated, empty or non-UTF-8 field, or a prompt over CLAP's token limit"},
+            422: {"model": ErrorBody, "description": "Corrupt or too-short video, no video and no duration, a parameter out of range (num_samples 1-8, best_of 2-8 and not with num_samples, rank; without a video duration 0.64-15 and no mp4), a repeated, empty or non-UTF-8 field, or a prompt over CLAP's token limit"},
             429: {"model": ErrorBody, "description": "Queue full; Retry-After says when a slot is expected"},
             503: {"model": ErrorBody, "description": "The model is still loading"},
             507: {"model": ErrorBody, "description": "The server's disk is full or read-only"},
@@ -259,9 +266,11 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             try:
                 fields = parse_fields(fields_model, form.fields)
             except ValidationError as e:
-                rules = {**param_rules(config), "num_samples": f"an integer from {NUM_SAMPLES[0]} to {NUM_SAMPLES[1]}"}
+                rules = {**param_rules(config), "num_samples": f"an integer from {NUM_SAMPLES[0]} to {NUM_SAMPLES[1]}",
+                         "best_of": f"an integer from {BEST_OF[0]} to {BEST_OF[1]}"}
                 raise ApiError(422, "invalid_parameter", validation_message(list(e.errors()), rules)) from None
             params = fields.model_dump()
+            resolve_best_of(params, form.fields)
             params["text_only"] = not form.has_video
             if params["text_only"]:
                 check_text_only(params)
@@ -286,7 +295,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             except Exception as e:
                 raise storage_refusal(e, service) from None
             try:
-                await run_in_threadpool(batcher.submit, req, priority=rec.priority, job_id=job_id, seeds=seeds_of(params))
+                await run_in_threadpool(batcher.submit, req, priority=rec.priority, job_id=job_id, seeds=seeds_of(params),
+                                        rank=rank_of(params))
             except Exception as e:
                 store.delete(job_id)
                 raise submit_error(e) from None
@@ -366,7 +376,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                       410: {"model": ErrorBody, "description": "Deleted (DELETE or retention), or damaged on the server's disk"}}
 
     seed_query = Query(None, ge=0, le=MAX_SEED, description=(
-        "Which sample of a num_samples job (one of its results' seeds); default: the first"))
+        "Which sample of a num_samples job (one of its results' seeds); default: the first (best_of: the kept one)"))
 
     @app.get("/v1/generations/{job_id}/audio", tags=["generations"], dependencies=auth, response_class=FileResponse,
              summary="The result audio: wav, or flac when the job asked for flac", responses=file_responses)

@@ -30,10 +30,14 @@ from foleyserve.server.storage import describe_storage_error, is_storage_error
 FILE_FIELD = "video"
 TEXT_FIELDS = (
     "prompt", "negative_prompt", "steps", "guidance", "seed", "output", "priority", "keep_original_audio", "loudness", "bit_depth",
-    "start", "duration", "num_samples",
+    "start", "duration", "num_samples", "best_of", "rank",
 )
 # Samples of one submission (seeds seed .. seed + N - 1), run as rows of one denoising loop.
 NUM_SAMPLES = (1, 8)
+# best_of N is num_samples N plus a ranking: one candidate cannot be ranked against anything.
+BEST_OF = (2, 8)
+DEFAULT_RANK = "desync,clap"
+RANK_MEASURES = ("desync", "clap")
 # Fields where an empty value is a real value (an empty prompt is allowed); for the others an
 # empty value is a client bug that used to mean "the default".
 EMPTY_ALLOWED = ("prompt", "negative_prompt")
@@ -255,7 +259,34 @@ def form_model(config: ServerConfig) -> type[BaseModel]:
         num_samples=(int, Field(1, ge=NUM_SAMPLES[0], le=NUM_SAMPLES[1], description=(
             f"Samples to make, {NUM_SAMPLES[0]} to {NUM_SAMPLES[1]}, with seeds seed, seed + 1, ...: one denoising "
             "batch; the job's results list them (clips up to 15 s and text to audio)"))),
+        best_of=(Optional[int], Field(None, ge=BEST_OF[0], le=BEST_OF[1], description=(
+            f"Best of N, {BEST_OF[0]} to {BEST_OF[1]}: num_samples N plus a ranking. The N samples are scored (DeSync "
+            "against the video, CLAP against the prompt), the job's candidates carry every score and audio_url/video_url "
+            "are the best one's; every candidate stays downloadable. Send best_of or num_samples, not both"))),
+        rank=(Optional[str], Field(None, max_length=64, description=(
+            f"With best_of: the measures that rank, in order (default {DEFAULT_RANK}; or clap, desync). DeSync needs "
+            "4.8 s of video: a shorter clip, or text to audio, is ranked by CLAP and the job's warnings say so"))),
     )
+
+
+def resolve_best_of(params: dict[str, Any], sent: dict[str, str]) -> None:
+    """Turn best_of into num_samples plus a checked ``rank`` (``"desync,clap"``), in ``params``.
+    Raises a 422 :class:`ApiError` naming the field."""
+    from foleyserve.scoring import parse_measures
+
+    n, rank = params.get("best_of"), params.get("rank")
+    if n is None:
+        if rank is not None:
+            raise ApiError(422, "invalid_parameter", "rank orders the candidates of best_of; send best_of too, or leave rank out")
+        return
+    if "num_samples" in sent:
+        raise ApiError(422, "invalid_parameter", (
+            f"send best_of or num_samples, not both: best_of={n} already makes {n} samples (and ranks them)"))
+    try:
+        measures = parse_measures(rank if rank is not None else DEFAULT_RANK)
+    except ValueError as e:
+        raise ApiError(422, "invalid_parameter", f"rank: {e}") from None
+    params["num_samples"], params["rank"] = n, ",".join(measures)
 
 
 def check_text_only(params: dict[str, Any]) -> None:
@@ -295,4 +326,4 @@ def parse_fields(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
     return model.model_validate(fields)
 
 
-__all__ = ["NUM_SAMPLES", "ReceivedForm", "ValidationError", "check_text_only", "form_model", "openapi_request_body", "parse_fields", "receive_form", "too_large_message"]
+__all__ = ["BEST_OF", "DEFAULT_RANK", "NUM_SAMPLES", "RANK_MEASURES", "ReceivedForm", "ValidationError", "check_text_only", "form_model", "openapi_request_body", "parse_fields", "receive_form", "resolve_best_of", "too_large_message"]

@@ -7,7 +7,7 @@ Layout under the data directory::
     results/<id>.wav    the result audio (always written, also for mp4 jobs)
     results/<id>.flac   the requested format, when it is not wav
     results/<id>.mp4
-    results/<id>_seed<S>.<fmt>  one per sample of a num_samples job (server/results.py)
+    results/<id>_seed<S>.<fmt>  one per sample of a num_samples or best_of job (server/results.py)
 
 One connection serves all threads behind a lock: the writes are tiny (a status or progress
 change), far below what would make a connection pool worth its complexity.
@@ -25,13 +25,14 @@ from typing import Any, Iterable
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "preparing", "running")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after schema 1, applied to an older database when it is opened.
 _MIGRATIONS = {
     2: (
         "ALTER TABLE jobs ADD COLUMN owner TEXT",
         "ALTER TABLE jobs ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}'",
     ),
+    3: ("ALTER TABLE jobs ADD COLUMN ranking TEXT NOT NULL DEFAULT '{}'",),
 }
 _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 
@@ -59,14 +60,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     warnings      TEXT NOT NULL DEFAULT '[]',
     expired       REAL,
     owner         TEXT,
-    checksums     TEXT NOT NULL DEFAULT '{}'
+    checksums     TEXT NOT NULL DEFAULT '{}',
+    ranking       TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
 
-_JSON_COLUMNS = ("params", "timings", "files", "warnings", "checksums")
+_JSON_COLUMNS = ("params", "timings", "files", "warnings", "checksums", "ranking")
 
 
 @dataclass
@@ -97,6 +99,8 @@ class JobRecord:
     # file name -> [size in bytes, sha256 hex], recorded when the result was written, checked
     # before a file is served.
     checksums: dict[str, list] = field(default_factory=dict)
+    # A best_of job's scores (bestof.Ranking.as_dict(): best, ranked_by, candidates, notes); {} otherwise.
+    ranking: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_final(self) -> bool:

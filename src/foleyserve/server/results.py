@@ -5,6 +5,10 @@ A one-sample job keeps ``{id}.{fmt}`` (and ``{id}.wav`` beside an mp4). A job of
 them in ``JobRecord.files`` as ``audio@S`` / ``video@S``, with ``audio`` / ``video`` naming the first
 sample's files, so retention, deletion and the checksums cover every sample without knowing about
 samples, and clients that only read ``audio_url`` get the first one.
+
+A ``best_of`` job is a job of several samples that the batcher also ranked: ``audio`` / ``video``
+name the kept candidate's files instead of the first's, and ``JobRecord.ranking`` keeps the scores
+(:func:`candidate_list` turns them into the body's ``candidates``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ def seeds_of(params: dict[str, Any]) -> list[int] | None:
     return [int(params["seed"]) + k for k in range(n)] if n > 1 else None
 
 
+def rank_of(params: dict[str, Any]) -> tuple[str, ...] | None:
+    """The measures a best_of job ranks by (``params["rank"]``, checked at submission), or None."""
+    return tuple(params["rank"].split(",")) if params.get("best_of") and params.get("rank") else None
+
+
 def write_files(store: JobStore, job: Any, rec: JobRecord) -> dict[str, str]:
     """Check the batcher wrote each sample's file and add the audio-only wav beside an mp4.
     Returns ``JobRecord.files``."""
@@ -29,10 +38,12 @@ def write_files(store: JobStore, job: Any, rec: JobRecord) -> dict[str, str]:
     if results is None:
         return _keep_one(store, job.result, f"{rec.id}", fmt, suffix="")
     files: dict[str, str] = {}
+    ranking = getattr(job, "ranking", None)
+    kept = ranking["best"] if ranking else 0
     for i, result in enumerate(results):
         one = _keep_one(store, result, f"{rec.id}_seed{result.seed}", fmt, suffix=f"@{result.seed}")
         files.update(one)
-        if i == 0:
+        if i == kept:
             files.update({k.split("@")[0]: v for k, v in one.items()})
     return files
 
@@ -80,3 +91,18 @@ def sample_list(rec: JobRecord, base: str, ok: bool) -> list[dict[str, Any]]:
         "audio_url": f"{base}/audio?seed={s}" if f"audio@{s}" in rec.files else None,
         "video_url": f"{base}/video?seed={s}" if f"video@{s}" in rec.files else None,
     } for s in seeds]
+
+
+def candidate_list(rec: JobRecord, base: str, ok: bool) -> list[dict[str, Any]]:
+    """The body's ``candidates`` of a best_of job, best first, with ``rank`` from 1 (the kept one)
+    and each one's audio link (null once the files are gone); empty for other jobs."""
+    ranking = rec.ranking or {}
+    out = []
+    for c in sorted(ranking.get("candidates", ()), key=lambda c: c["rank"]):
+        s = int(c["seed"])
+        out.append({
+            "seed": s, "desync": c["desync"], "offsets_sec": c["offsets_sec"], "clap": c["clap"],
+            "rank": int(c["rank"]) + 1, "kept": c["index"] == ranking["best"],
+            "audio_url": f"{base}/audio?seed={s}" if ok and f"audio@{s}" in rec.files else None,
+        })
+    return out

@@ -27,6 +27,17 @@ class SampleResult(BaseModel):
     video_url: str | None = Field(description="Its mp4 (output=mp4 only)")
 
 
+class Candidate(BaseModel):
+    seed: int = Field(description="The seed this candidate was made with")
+    desync: float | None = Field(description=(
+        "Audio-video offset in seconds as Synchformer sees it (lower is better); null under 4.8 s and for text to audio"))
+    offsets_sec: list[float] | None = Field(description="The offset per 4.8 s window (start and end of the clip)")
+    clap: float = Field(description="CLAP audio-prompt similarity (higher is better)")
+    rank: int = Field(description="1 = best (the kept one)")
+    kept: bool = Field(description="True for the one audio_url/video_url serve")
+    audio_url: str | None = Field(description="Its audio (…/audio?seed=S)")
+
+
 class JobBody(BaseModel):
     id: str = Field(description="Server-generated job id (32 hex digits)")
     status: Literal["queued", "preparing", "running", "succeeded", "failed", "cancelled"] = Field(
@@ -57,7 +68,14 @@ class JobBody(BaseModel):
     text_only: bool = Field(description="True for text to audio: no video was sent, duration set the length")
     num_samples: int = Field(description="Samples asked for (seeds seed .. seed + num_samples - 1)")
     results: list[SampleResult] = Field(description=(
-        "One entry per sample once succeeded, in seed order (empty before); audio_url and video_url are the first's"))
+        "One entry per sample once succeeded, in seed order (empty before); audio_url and video_url are the first's, "
+        "or with best_of the kept one's"))
+    best_of: int | None = Field(None, description="Candidates asked for with best_of (then num_samples is the same); null otherwise")
+    rank: str | None = Field(None, description="The measures asked to rank by, in order (best_of only)")
+    ranked_by: list[str] | None = Field(None, description=(
+        "The measures that decided (rank minus what no candidate has: no desync under 4.8 s or for text to audio)"))
+    candidates: list[Candidate] = Field(default_factory=list, description=(
+        "best_of: every candidate's scores once succeeded, best first (empty before and for other jobs)"))
 
 
 class JobList(BaseModel):

@@ -15,7 +15,7 @@ from foleyserve.config import EngineConfig
 from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, GenerationRequest, RequestError
 from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
-from foleyserve.server.results import sample_list, seeds_of, write_files
+from foleyserve.server.results import candidate_list, rank_of, sample_list, seeds_of, write_files
 from foleyserve.server.settings import ServerConfig
 from foleyserve.server.storage import (
     CHECK_INTERVAL_S, ResultVerifier, StorageHealth, describe_storage_error, file_digest, is_storage_error,
@@ -193,7 +193,7 @@ class Service:
                     continue  # cancelled while the model loaded
                 try:
                     self.batcher.submit(self._request_for(rec, upload), priority=rec.priority, job_id=rec.id,  # type: ignore[union-attr]
-                                        seeds=seeds_of(rec.params))
+                                        seeds=seeds_of(rec.params), rank=rank_of(rec.params))
                     requeued += 1
                     live.append(upload.name)
                     continue
@@ -416,6 +416,7 @@ class Service:
             "audio_seconds": float(result.audio_seconds),
             "video_seconds": float(result.video_seconds),
             "warnings": [self._scrub(w, rec.id) for w in warnings],
+            "ranking": getattr(job, "ranking", None) or {},
         }
 
     def _describe_failure(self, job: Any) -> tuple[str, str]:
@@ -490,6 +491,8 @@ class Service:
             "batch_size": rec.batch_size, "warnings": rec.warnings,
             "text_only": bool(p.get("text_only")), "num_samples": int(p.get("num_samples") or 1),
             "results": sample_list(rec, base, ok),
+            "best_of": p.get("best_of"), "rank": p.get("rank"),
+            "ranked_by": (rec.ranking or {}).get("ranked_by"), "candidates": candidate_list(rec, base, ok),
         }
 
     def check_prompts(self, prompt: str, negative_prompt: str) -> None:
