@@ -2,6 +2,8 @@
 // Plain ES module, no build step and no third-party code, so the page works offline.
 // It talks only to the public HTTP API (/v1/info, /v1/generations...).
 
+import { orderedResults, rankedByText, scoreCell } from "./bestof.js";
+
 const API = "v1/generations"; // relative: the page keeps working behind a proxy sub-path
 const INFO = "v1/info";
 const POLL_MS = 500;
@@ -13,7 +15,7 @@ const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 // What the page assumes of a server whose /v1/info is missing or older than the page.
 const FALLBACK_LIMITS = {
   steps: [1, 1000], guidance: [0, 100], maxUploadBytes: 0, maxSeconds: 15, maxPromptChars: 2000,
-  numSamples: [1, 8], textSeconds: [0.64, 15],
+  numSamples: [1, 8], textSeconds: [0.64, 15], bestOf: [2, 8],
 };
 // Without a video there is nothing to put the sound in: audio formats only.
 const TEXT_OUTPUTS = ["wav", "flac"];
@@ -54,6 +56,8 @@ const el = {
   durationHint: $("duration-hint"),
   numSamples: $("num-samples"),
   samplesHint: $("samples-hint"),
+  bestOf: $("best-of"),
+  bestOfField: $("best-of-field"),
   samples: $("samples"),
   sampleList: $("sample-list"),
   generate: $("generate"),
@@ -476,7 +480,17 @@ el.form.addEventListener("submit", async (e) => {
   data.append("seed", seed);
   data.append("output", el.output.value);
   // Only when asked for: a server older than the field would refuse it as unknown.
-  if (Number(el.numSamples.value) > 1) data.append("num_samples", el.numSamples.value);
+  const takes = Number(el.numSamples.value);
+  if (el.bestOf.checked && !el.bestOfField.hidden) {
+    const [low, high] = state.limits.bestOf || FALLBACK_LIMITS.bestOf;
+    if (takes < low || takes > high) {
+      showAlert(`Samples: ranking needs ${low}–${high} samples to compare; set Samples or untick the ranking.`, "invalid_parameter");
+      el.numSamples.focus();
+      return;
+    }
+    data.append("best_of", String(takes));
+    data.append("rank", state.rank || "desync,clap");
+  } else if (takes > 1) data.append("num_samples", el.numSamples.value);
   setUploading(0);
   let created;
   try {
@@ -706,12 +720,13 @@ async function fetchTake(job, result, k) {
 }
 
 async function showResult(job, token) {
-  const results = Array.isArray(job.results) && job.results.length > 1 ? job.results : null;
+  // A best_of job's samples are listed best first, so the first take is the kept one.
+  const results = Array.isArray(job.results) && job.results.length > 1 ? orderedResults(job) : null;
   let takes;
   try {
     // Every take is fetched up front: with an API key a plain link could not be played.
     takes = results
-      ? await Promise.all(results.map((r, k) => fetchTake(job, r, k)))
+      ? await Promise.all(results.map(async ({ result, k, candidate }) => ({ ...(await fetchTake(job, result, k)), candidate })))
       : [await fetchTake(job, null, 0)];
   } catch (err) {
     if (token === state.track) showError(err);
@@ -787,6 +802,7 @@ async function showTake(job, take, token) {
   const timings = describeTimings(job.timings);
   if (timings) metaRow("Timings", timings);
   if (Array.isArray(job.warnings) && job.warnings.length) metaRow("Notes", job.warnings.join(" "));
+  if (take.candidate) metaRow("Ranked by", rankedByText(job));
 
   // The WAV is the cheapest thing to decode; the MP4's AAC track is the fallback.
   await drawFromBlob(take.audioBlob || take.mainBlob, token);
@@ -802,6 +818,10 @@ function renderSamples(job, token) {
     const label = document.createElement("span");
     label.className = "sample-seed";
     label.textContent = `Seed ${take.seed}`;
+    if (take.candidate) {
+      li.dataset.rank = String(take.candidate.rank);
+      label.append(scoreCell(take.candidate));
+    }
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.preload = "metadata";
@@ -1135,6 +1155,10 @@ function applyInfo(info) {
   state.limits.textSeconds = seconds;
   setNumberField(el.numSamples, samples, defaults.num_samples);
   el.samplesHint.textContent = `${samples[0]}–${samples[1]} takes in one run (seed, seed + 1, …); pick the best.`;
+  // A server without best_of would refuse the field: no ranking offered then.
+  state.limits.bestOf = pair(limits.best_of, null);
+  el.bestOfField.hidden = !state.limits.bestOf;
+  if (typeof defaults.rank === "string") state.rank = defaults.rank;
   setNumberField(el.duration, seconds, undefined);
   el.durationHint.textContent = `${seconds[0]}–${seconds[1]} s of audio, made from the description alone.`;
 
