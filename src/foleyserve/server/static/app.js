@@ -818,10 +818,7 @@ function renderSamples(job, token) {
     const label = document.createElement("span");
     label.className = "sample-seed";
     label.textContent = `Seed ${take.seed}`;
-    if (take.candidate) {
-      li.dataset.rank = String(take.candidate.rank);
-      label.append(scoreCell(take.candidate));
-    }
+    if (take.candidate) li.dataset.rank = String(take.candidate.rank);
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.preload = "metadata";
@@ -843,6 +840,8 @@ function renderSamples(job, token) {
     pick.dataset.testid = "sample-pick";
     pick.addEventListener("click", () => pickSample(job, k, token));
     li.append(label, audio, link, pick);
+    // On a row of its own: beside the seed it would squeeze the player to nothing.
+    if (take.candidate) li.append(scoreCell(take.candidate));
     return li;
   });
   el.sampleList.replaceChildren(...items);
