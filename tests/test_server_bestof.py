@@ -91,3 +91,24 @@ def test_info_and_openapi_describe_best_of(client: TestClient) -> None:
     props = client.get("/openapi.json").json()["paths"]["/v1/generations"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["properties"]
     assert "best_of" in props and "rank" in props
+
+
+def test_a_best_of_job_is_still_ranked_after_a_restart(engine: Engine, tmp_path: Path) -> None:
+    import time
+
+    from foleyserve.server.jobs import JobRecord, JobStore
+
+    data = tmp_path / "crashed"
+    store = JobStore(data)
+    params = {"prompt": "hail", "negative_prompt": "noisy, harsh", "steps": 2, "guidance": 4.5, "seed": 7, "output": "wav",
+              "keep_original_audio": None, "start": 0.0, "duration": 1.0, "text_only": True, "num_samples": 2,
+              "best_of": 2, "rank": "clap"}
+    store.add(JobRecord(id="e" * 32, status="running", priority="interactive", params=params, created=time.time()))
+    store.close()
+    with TestClient(create_app(ServerConfig(data_dir=data, cache="memory"), engine=engine)) as c:
+        deadline = time.monotonic() + 60
+        while (job := c.get(f"/v1/generations/{'e' * 32}").json())["status"] != "succeeded":
+            assert job["status"] in ("queued", "preparing", "running") and time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["ranked_by"] == ["clap"] and [c["rank"] for c in job["candidates"]] == [1, 2]
+        assert job["audio_url"].endswith("/audio") and job["candidates"][0]["kept"]
