@@ -115,7 +115,7 @@ def test_bad_profiles_name_the_problem(tmp_path: Path, text: str, expected: str)
 
 
 def test_unknown_profile_name_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown profile 'fast'; choose one of batch, cloud, edge, realtime"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'fast'; choose one of auto, batch, cloud, edge, realtime"):
         load_profile("fast")
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile(tmp_path / "nope.yaml")
