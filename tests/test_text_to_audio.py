@@ -100,6 +100,14 @@ def test_cli_variations_write_one_file_per_seed(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "t_seed5.flac").is_file() and (tmp_path / "t_seed6.flac").is_file()
 
 
+def test_variations_of_an_mp4_keep_the_original_sound(tmp_path: Path) -> None:
+    # The shared encoder run writes nothing, so it must not check the kept-original mix either.
+    out = tmp_path / "v.mp4"
+    assert main(["generate", str(sample_clip_path()), "--num-samples", "2", "--keep-original-audio", "0.5",
+                 "--out", str(out), *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v_seed0.mp4", "v_seed1.mp4"]
+
+
 def test_cli_variation_flag_refusals(tmp_path: Path, capsys) -> None:
     clip = str(sample_clip_path())
     assert main(["generate", clip, "--seeds", "1,x", *FAST]) == 2

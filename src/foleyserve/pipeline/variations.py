@@ -51,7 +51,9 @@ def variation_jobs(engine: "Engine", request: GenerationRequest, seeds: list[int
         longform = None  # type: ignore[assignment]
     if longform is not None and request.video is not None and longform.plan_for(requests[0]) is not None:
         return None
-    first = engine.prepare(replace(requests[0], output=None), progress=progress)
+    # The shared encoder run writes nothing: no output, and so no kept-original mix to check
+    # (each job keeps its full request for the write).
+    first = engine.prepare(replace(requests[0], output=None, keep_original_audio_gain=None), progress=progress)
     return [PreparedJob(request=r, visual=first.visual, text=first.text, decoded=first.decoded, timer=copy.deepcopy(first.timer))
             for r in requests]
 
