@@ -444,6 +444,28 @@ def test_laptop_button_error_and_progress_in_view(server: LiveServer, laptop: Pa
 FAKE_ID = "f" * 32
 
 
+def stub_sample_job(page: Page, job: dict) -> list[str]:
+    """Answer the page's API calls with ``job`` (a finished multi-sample job whose sample audio is
+    a tone per seed); returns the bodies the page POSTs."""
+    posted: list[str] = []
+
+    def generations(route) -> None:
+        request = route.request
+        if request.method == "POST":
+            posted.append(request.post_data or "")
+            route.fulfill(status=202, content_type="application/json", body=json.dumps({"id": FAKE_ID, "status": "queued"}))
+        elif "/audio" in request.url:
+            seed = int(request.url.rsplit("seed=", 1)[1])
+            route.fulfill(content_type="audio/wav", body=tone_wav(200 + 100 * (seed - 40)))
+        elif request.url.endswith(FAKE_ID):
+            route.fulfill(content_type="application/json", body=json.dumps(job))
+        else:
+            route.fulfill(content_type="application/json", body=json.dumps({"items": []}))
+
+    page.route("**/v1/generations**", generations)
+    return posted
+
+
 def test_preparing_status_is_named(server: LiveServer, laptop: Page) -> None:
     # The encoders' stage is too short to catch on a real server, so the API answers are stubbed.
     page = laptop
@@ -711,22 +733,7 @@ def test_several_samples_are_listed_and_one_can_be_picked(server: LiveServer, la
         "output": "wav", "cache_hit": False, "timings": {}, "warnings": [], "num_samples": 3, "text_only": True,
         "audio_url": results[0]["audio_url"], "video_url": None, "results": results, "expired": False,
     }
-    posted: list[str] = []
-
-    def generations(route) -> None:
-        request = route.request
-        if request.method == "POST":
-            posted.append(request.post_data or "")
-            route.fulfill(status=202, content_type="application/json", body=json.dumps({"id": FAKE_ID, "status": "queued"}))
-        elif "/audio" in request.url:
-            seed = int(request.url.rsplit("seed=", 1)[1])
-            route.fulfill(content_type="audio/wav", body=tone_wav(200 + 100 * (seed - 40)))
-        elif request.url.endswith(FAKE_ID):
-            route.fulfill(content_type="application/json", body=json.dumps(job))
-        else:
-            route.fulfill(content_type="application/json", body=json.dumps({"items": []}))
-
-    page.route("**/v1/generations**", generations)
+    posted = stub_sample_job(page, job)
     page.goto(server.url + "/")
     wait_for_server_limits(page)
     samples_input = page.locator("[data-testid=num-samples]")

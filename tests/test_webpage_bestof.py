@@ -8,7 +8,7 @@ import json
 from playwright.sync_api import Page
 
 from test_webpage import (  # noqa: F401  (fixtures and the module's skip/slow mark)
-    FAKE_ID, LiveServer, browser, engine, laptop, pytestmark, server, tone_wav, wait_for_server_limits,
+    FAKE_ID, LiveServer, browser, engine, laptop, pytestmark, server, stub_sample_job, wait_for_server_limits,
 )
 
 
@@ -29,22 +29,7 @@ def test_best_of_sends_the_ranking_and_lists_the_scores_best_first(server: LiveS
         "text_only": True, "audio_url": f"{base}/audio?seed=42", "video_url": None, "results": results,
         "expired": False, "best_of": 3, "rank": "desync,clap", "ranked_by": ["desync", "clap"], "candidates": candidates,
     }
-    posted: list[str] = []
-
-    def generations(route) -> None:
-        request = route.request
-        if request.method == "POST":
-            posted.append(request.post_data or "")
-            route.fulfill(status=202, content_type="application/json", body=json.dumps({"id": FAKE_ID, "status": "queued"}))
-        elif "/audio" in request.url:
-            seed = int(request.url.rsplit("seed=", 1)[1])
-            route.fulfill(content_type="audio/wav", body=tone_wav(200 + 100 * (seed - 40)))
-        elif request.url.endswith(FAKE_ID):
-            route.fulfill(content_type="application/json", body=json.dumps(job))
-        else:
-            route.fulfill(content_type="application/json", body=json.dumps({"items": []}))
-
-    page.route("**/v1/generations**", generations)
+    posted = stub_sample_job(page, job)
     page.goto(server.url + "/")
     wait_for_server_limits(page)
     assert page.locator("[data-testid=best-of-field]").is_visible()
