@@ -3,8 +3,6 @@ best first, with their scores (the job body is stubbed; test_server_bestof check
 
 from __future__ import annotations
 
-import json
-
 from playwright.sync_api import Page
 
 from test_webpage import (  # noqa: F401  (fixtures and the module's skip/slow mark)
