@@ -112,3 +112,10 @@ def test_a_best_of_job_is_still_ranked_after_a_restart(engine: Engine, tmp_path:
             time.sleep(0.05)
         assert job["ranked_by"] == ["clap"] and [c["rank"] for c in job["candidates"]] == [1, 2]
         assert job["audio_url"].endswith("/audio") and job["candidates"][0]["kept"]
+
+
+def test_preload_scorers_loads_them_before_the_server_is_ready(engine: Engine, tmp_path: Path) -> None:
+    engine.scorers = None
+    with TestClient(create_app(ServerConfig(data_dir=tmp_path / "d", cache="memory", preload_scorers=True), engine=engine)) as c:
+        assert c.get("/readyz").status_code == 200
+        assert engine.scorers is not None

@@ -129,6 +129,10 @@ class Service:
                 memory_bytes=int(c.cache_memory_mb * 2**20),
             )
             self._warm_up(engine)
+            if c.preload_scorers:
+                from foleyserve.pipeline.bestof import engine_scorers
+
+                engine_scorers(engine)
             batcher = Batcher(
                 engine,
                 BatcherConfig(

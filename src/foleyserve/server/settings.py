@@ -88,6 +88,10 @@ class ServerConfig:
     # Pair it with length_bucket: second, which keeps every request inside these buckets.
     warmup_seconds: list[Annotated[Number, Field(ge=0.64, le=15.04)]] = field(default_factory=list)
     warmup_batch_sizes: list[Annotated[Int, Field(ge=1, le=256)]] = field(default_factory=lambda: [1])
+    # Load the best-of scorers (Synchformer audio branch + sync head, CLAP audio tower) before
+    # /readyz turns 200, so the first best_of job does not pay for it inside the job. Off by default:
+    # they cost host/device memory that servers without best-of traffic do not need.
+    preload_scorers: Annotated[bool, Field(strict=True)] = False
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -148,6 +152,7 @@ _SPECIAL_RULES = {
     "metrics_public": "true or false",
     "warmup_seconds": "a list of clip lengths between 0.64 and 15.04 s",
     "warmup_batch_sizes": "a list of whole numbers 1-256",
+    "preload_scorers": "true or false",
 }
 
 
