@@ -1,10 +1,10 @@
 """Export the pipeline's stages to ONNX, measure their parity against torch, record a manifest.
 
-So far the DAC decoder (latent length and batch dynamic). Each exporter takes a built torch
+The DAC decoder (latent length and batch dynamic) is here; SigLIP2 vision and CLAP text are in
+:mod:`foleyserve.export.encoders_onnx`. Each exporter takes a built torch
 module, writes ``<stage>.onnx`` into the export folder, runs the graph under ONNX Runtime (CPU,
 fp32) at lengths *other* than the export one, and returns the :class:`StageEntry` for the
-manifest with the measured rel-L2. SigLIP2 vision, Synchformer, CLAP text and the DiT step
-follow the same shape (issue 11).
+manifest with the measured rel-L2. Synchformer and the DiT step follow the same shape (issue 11).
 
 Exporter: torch's default (dynamo, ``torch.export``) is used. Both it and the TorchScript
 exporter reproduce the DAC decoder at ~1e-6 rel-L2 at unseen lengths; dynamo is chosen because
@@ -183,20 +183,27 @@ def update_manifest(export_dir: str | Path, entries: Sequence[StageEntry]) -> Ma
     return manifest
 
 
-def export_demo(export_dir: str | Path, *, stages: Sequence[str] = (DAC_STAGE,), seed: int = 0, exporter: str = "dynamo") -> Manifest:
-    """Export the demo model's stages (seeded random weights; hashed by state dict)."""
+def export_demo(
+    export_dir: str | Path, *, stages: Sequence[str] | None = None, seed: int = 0, exporter: str = "dynamo"
+) -> Manifest:
+    """Export the demo model's stages (all exportable ones by default; seeded random weights, hashed by state dict)."""
+    from foleyserve.export.encoders_onnx import CLAP_STAGE, SIGLIP_STAGE, export_clap_text, export_siglip_vision
     from foleyserve.pipeline.demo import demo_components
 
-    unknown = set(stages) - {DAC_STAGE}
+    exportable = [DAC_STAGE, SIGLIP_STAGE, CLAP_STAGE]
+    stages = exportable if stages is None else list(stages)
+    unknown = set(stages) - set(exportable)
     if unknown:
-        raise ValueError(f"cannot export {sorted(unknown)} yet; exportable: {[DAC_STAGE]}")
+        raise ValueError(f"cannot export {sorted(unknown)} yet; exportable: {exportable}")
     components = demo_components(torch.device("cpu"), seed=seed)
+    exporters = {DAC_STAGE: (export_dac_decoder, components.dac), SIGLIP_STAGE: (export_siglip_vision, components.siglip),
+                 CLAP_STAGE: (export_clap_text, components.clap)}
     entries = []
-    if DAC_STAGE in stages:
-        dac = components.dac
-        entries.append(export_dac_decoder(
-            dac, export_dir, source=f"demo (seed {seed})",
-            source_hashes={"state_dict": sha256_state_dict(dac.state_dict())}, exporter=exporter, seed=seed,
-        ))
+    for stage in exportable:
+        if stage in stages:
+            export_stage, module = exporters[stage]
+            entries.append(export_stage(
+                module, export_dir, source=f"demo (seed {seed})",
+                source_hashes={"state_dict": sha256_state_dict(module.state_dict())}, exporter=exporter, seed=seed,
+            ))
     return update_manifest(export_dir, entries)
-
