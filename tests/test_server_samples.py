@@ -14,17 +14,7 @@ from fastapi.testclient import TestClient
 from foleyserve import Engine
 from foleyserve.server.app import create_app
 from foleyserve.server.settings import ServerConfig
-from test_server import error_of, make_clip
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.demo()
-
-
-@pytest.fixture(scope="module")
-def clip() -> bytes:
-    return make_clip(1.2)
+from test_server import clip, engine, error_of  # noqa: F401  (fixtures shared with test_server)
 
 
 @pytest.fixture()

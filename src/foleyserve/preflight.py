@@ -2,8 +2,8 @@
 
 * Prompts: CLAP has a fixed position table, and a longer prompt cannot be encoded (the official
   code indexes past the table). Counting tokens needs only the tokenizer, which loads in well
-  under a second; :func:`check_prompts` counts exactly as
-  :func:`foleyserve.models.encoders.encode_prompts` does and raises the same
+  under a second; :class:`PromptChecker` counts with
+  :func:`foleyserve.models.encoders.check_token_counts`, as the engine does, and raises the same
   :class:`~foleyserve.models.encoders.PromptTooLongError`.
 * Videos: :func:`check_video` reads the header (one frame decoded, nothing more), says when the
   file is a still image (or a web page...), and checks the request budget (pixels per frame).
@@ -13,41 +13,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from foleyserve import media
 from foleyserve.config import MAX_VIDEO_PIXELS
-from foleyserve.models.encoders import PromptTooLongError
-
-if TYPE_CHECKING:
-    from foleyserve.pipeline.pipeline import Engine
+from foleyserve.models.encoders import check_token_counts, clap_token_limit
 
 # RoBERTa numbers real tokens from padding_idx + 1; laion/larger_clap_general's defaults.
 _CLAP_POSITIONS = 514
 _CLAP_PAD_ID = 1
-
-def token_limit(text_config: Any) -> int:
-    """Most tokens (``<s>`` and ``</s>`` included) a CLAP text config can encode."""
-    return int(text_config.max_position_embeddings) - int(text_config.pad_token_id) - 1
-
-
-def check_prompts(tokenizer: Any, limit: int, prompt: str, negative_prompt: str) -> None:
-    """Raise :class:`PromptTooLongError` if either prompt has more than ``limit`` tokens."""
-    # Tokenized together and padded, as encode_prompts does, so the counts are the same.
-    lengths = tokenizer([negative_prompt, prompt], padding=True)["attention_mask"]
-    counts = [sum(mask) for mask in lengths]
-    too_long = [f"{name} prompt has {n} tokens" for name, n in zip(("negative", "positive"), counts) if n > limit]
-    if too_long:
-        raise PromptTooLongError(
-            f"{' and '.join(too_long)}; CLAP accepts at most {limit} (including <s> and </s>): shorten it"
-        )
-
-
-def check_engine_prompts(engine: "Engine", prompt: str, negative_prompt: str) -> None:
-    """:func:`check_prompts` with a loaded engine's tokenizer and CLAP (for the server, per request)."""
-    c = engine.components
-    check_prompts(c.tokenizer, token_limit(c.clap.config), prompt, negative_prompt)
-
 
 class PromptChecker:
     """Counts prompt tokens for a model that is not loaded: only its tokenizer is (cheap).
@@ -61,7 +34,7 @@ class PromptChecker:
             from foleyserve.pipeline.demo import DEMO_CLAP_POSITIONS, demo_tokenizer
 
             self.tokenizer = demo_tokenizer()
-            self.limit = DEMO_CLAP_POSITIONS - _CLAP_PAD_ID - 1
+            self.limit = clap_token_limit(DEMO_CLAP_POSITIONS, _CLAP_PAD_ID)
             return
         from foleyserve.models.encoders import load_clap_tokenizer
         from foleyserve.pipeline.model_dir import CLAP_REPO, ModelFolderError, find_hf_model
@@ -77,11 +50,11 @@ class PromptChecker:
                 f"`hf download {CLAP_REPO} --local-dir {path}`"
             ) from None
         text = config.get("text_config", config)
-        self.limit = int(text.get("max_position_embeddings", _CLAP_POSITIONS)) - int(text.get("pad_token_id", _CLAP_PAD_ID)) - 1
+        self.limit = clap_token_limit(text.get("max_position_embeddings", _CLAP_POSITIONS), text.get("pad_token_id", _CLAP_PAD_ID))
 
     def check(self, prompt: str, negative_prompt: str) -> None:
         """Raise :class:`PromptTooLongError` if a prompt is longer than CLAP can encode."""
-        check_prompts(self.tokenizer, self.limit, prompt, negative_prompt)
+        check_token_counts(self.tokenizer, self.limit, prompt, negative_prompt)
 
 
 def check_video(path: str | Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> media.VideoInfo:

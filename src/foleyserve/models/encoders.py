@@ -45,6 +45,8 @@ __all__ = [
     "ClapTextTower",
     "PromptTooLongError",
     "check_prompt_lengths",
+    "check_token_counts",
+    "clap_token_limit",
     "SIGLIP2_VISION_CONFIG",
     "SiglipVisionTower",
     "build_clap_text",
@@ -256,26 +258,34 @@ def load_clap_text(
 # ------------------------------------------------------------------------------------ encoding
 
 
-def _max_tokens_of(model: ClapTextModelWithProjection) -> int:
-    cfg = model.config
+def clap_token_limit(max_position_embeddings: int, pad_token_id: int) -> int:
+    """Most tokens (``<s>`` and ``</s>`` included) a CLAP text encoder can take."""
     # RoBERTa numbers real tokens from padding_idx + 1, so two of the table's rows are never
     # reachable: 514 positions hold at most 512 tokens, <s> and </s> included.
-    return int(cfg.max_position_embeddings) - int(cfg.pad_token_id) - 1
+    return int(max_position_embeddings) - int(pad_token_id) - 1
+
+
+def _max_tokens_of(model: ClapTextModelWithProjection) -> int:
+    return clap_token_limit(model.config.max_position_embeddings, model.config.pad_token_id)
+
+
+def check_token_counts(tokenizer: PreTrainedTokenizerBase, limit: int, prompt: str, negative: str) -> None:
+    """Raise :class:`PromptTooLongError` when either prompt has more than ``limit`` tokens. Only
+    the tokenizer runs (well under a millisecond), so the CLI and the service call this before any
+    model loads or a request waits in the queue."""
+    lengths = [len(tokenizer(text)["input_ids"]) for text in (negative, prompt)]
+    too_long = [f"{name} prompt has {n} tokens" for name, n in zip(("negative", "positive"), lengths) if n > limit]
+    if too_long:
+        raise PromptTooLongError(
+            f"{' and '.join(too_long)}; CLAP accepts at most {limit} (including <s> and </s>): shorten it"
+        )
 
 
 def check_prompt_lengths(
     tokenizer: PreTrainedTokenizerBase, model: ClapTextModelWithProjection, prompt: str, negative: str
 ) -> None:
-    """Raise :class:`PromptTooLongError` when either prompt has more tokens than CLAP's position
-    table holds. Only the tokenizer runs (well under a millisecond), so services and the CLI call
-    this when a request arrives instead of failing it after it waited in the queue."""
-    limit = _max_tokens_of(model)
-    lengths = [len(tokenizer(text)["input_ids"]) for text in (negative, prompt)]
-    too_long = [f"{name} prompt has {n} tokens" for name, n in zip(("negative", "positive"), lengths) if n > limit]
-    if too_long:
-        raise PromptTooLongError(
-            f"{' and '.join(too_long)}; CLAP accepts at most {limit} (including <s> and </s>): shorten the prompt"
-        )
+    """:func:`check_token_counts` with a loaded CLAP's own limit."""
+    check_token_counts(tokenizer, _max_tokens_of(model), prompt, negative)
 
 
 def encode_prompts(
