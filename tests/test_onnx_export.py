@@ -26,7 +26,7 @@ from foleyserve.export.manifest import (  # noqa: E402
     write_manifest,
 )
 from foleyserve.export.encoders_onnx import CLAP_EXPORT_SHAPE, CLAP_STAGE, SIGLIP_EXPORT_FRAMES, SIGLIP_STAGE  # noqa: E402
-from foleyserve.export.onnx_export import DAC_EXPORT_LATENT_LEN, DAC_STAGE, export_demo  # noqa: E402
+from foleyserve.export.onnx_export import DAC_EXPORT_LATENT_LEN, DAC_STAGE  # noqa: E402
 from foleyserve.export.ort_runtime import load_stage, rel_l2  # noqa: E402
 from foleyserve.models.encoders import encode_frames_siglip, encode_prompts  # noqa: E402
 from foleyserve.pipeline.demo import demo_components  # noqa: E402
@@ -37,9 +37,8 @@ CHECK_SHAPES = [(1, 5), (2, 29)]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx_export")
-    manifest = export_demo(out)
+def exported(demo_export):
+    out, manifest = demo_export
     components = demo_components(torch.device("cpu"))
     return out, manifest, components.dac, components
 

@@ -1,4 +1,5 @@
-"""ONNX export of the two transformers encoders: SigLIP2 vision (frames dynamic) and CLAP text.
+"""ONNX export of the encoders: SigLIP2 vision (frames dynamic), Synchformer's visual branch
+(segments dynamic) and CLAP text (batch and tokens dynamic).
 
 Both go through torch's dynamo exporter as the DAC decoder does, with transformers' default
 attention implementation (SDPA): on torch 2.13 / transformers 5 neither needed ``dynamo=False``
@@ -20,11 +21,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from foleyserve.export.manifest import Manifest, StageEntry, sha256_file
-from foleyserve.export.onnx_export import DEFAULT_OPSET, _export, _graph_specs
-from foleyserve.export.ort_runtime import StageRuntime, rel_l2
+from foleyserve.export.manifest import StageEntry
+from foleyserve.export.onnx_export import DEFAULT_OPSET, _export, stage_entry, with_parity
 
 SIGLIP_STAGE = "siglip_vision"
+SYNC_STAGE = "synchformer"
 CLAP_STAGE = "clap_text"
 # Batch 2 at export (torch.export specialises a size-1 axis to the constant 1); parity at other
 # frame counts, 1 included, so a graph that baked the example's frame count in would fail.
@@ -36,6 +37,11 @@ _MAX_FRAMES = 1 << 16  # an hour of video at 8 fps, sent as one batch: far past 
 CLAP_EXPORT_SHAPE = (2, 12)
 CLAP_PARITY_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 29))
 _MAX_CLAP_BATCH = 64
+# Windows of 16 frames at 25 fps, 8 apart: 2 at export, parity at 1 and 3 (a chunk of the
+# pipeline's sync_chunk=8 is the common case at run time).
+SYNC_EXPORT_SEGMENTS = 2
+SYNC_PARITY_SEGMENTS: tuple[int, ...] = (1, 3)
+_MAX_SEGMENTS = 1 << 14
 
 
 class _SiglipPooledGraph(nn.Module):
@@ -58,6 +64,21 @@ class _ClapHiddenGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+class _SyncSegmentsGraph(nn.Module):
+    """segments [n, 16, 3, H, W] -> features [n, 8, D]: SynchformerVisual.forward with S = 1 folded in.
+
+    ``encode_windows`` hands ``[n, 1, 16, 3, H, W]``; the singleton axis is dropped outside the
+    graph, since torch.export would specialise a size-1 axis anyway.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, segments: torch.Tensor) -> torch.Tensor:
+        return self.visual(segments.unsqueeze(1)).squeeze(1)
 
 
 def clap_max_tokens(model: nn.Module) -> int:
@@ -93,18 +114,6 @@ def synthetic_clap_tokens(
 def _row_lengths(batch: int, tokens: int) -> list[int]:
     # The first row is the longest (sets the width); the others are shorter, so padding is present.
     return [tokens] + [max(2, tokens - 3 * (i + 1)) for i in range(batch - 1)]
-
-
-def _entry(
-    stage: str, path: Path, *, opset: int, exporter: str, source: str, source_hashes: Mapping[str, str],
-    export_seconds: float, extra: dict[str, Any],
-) -> StageEntry:
-    inputs, outputs = _graph_specs(path)
-    return StageEntry(
-        stage=stage, file=path.name, graph_sha256=sha256_file(path), opset=opset, exporter=exporter,
-        inputs=inputs, outputs=outputs, source=source, source_hashes=dict(source_hashes),
-        export_seconds=round(export_seconds, 3), extra=extra,
-    )
 
 
 def export_siglip_vision(
@@ -149,19 +158,72 @@ def export_siglip_vision(
         graph, (frames(export_frames),), path, input_names=["pixel_values"], output_names=["image_features"],
         opset=opset, exporter=exporter, dynamic={"pixel_values": {0: ("frames", 1, _MAX_FRAMES)}},
     )
-    entry = _entry(
+    entry = stage_entry(
         SIGLIP_STAGE, path, opset=opset, exporter=exporter, source=source, source_hashes=source_hashes,
         export_seconds=time.perf_counter() - t0,
         extra={"image_size": size, "hidden_size": int(cfg.hidden_size), "export_shape": [export_frames, channels, size, size]},
     )
-    runtime = StageRuntime.load(out_dir, SIGLIP_STAGE, manifest=Manifest(stages={SIGLIP_STAGE: entry}))
-    parity = {}
-    for n in parity_frames:
-        x = frames(n)
-        with torch.no_grad():
-            ref = graph(x).numpy()
-        parity[f"{n}x{channels}x{size}x{size}"] = rel_l2(runtime.run(pixel_values=x.numpy())["image_features"], ref)
-    return StageEntry(**{**entry.__dict__, "parity": parity})
+    def cases():
+        for n in parity_frames:
+            x = frames(n)
+            with torch.no_grad():
+                yield f"{n}x{channels}x{size}x{size}", {"pixel_values": x.numpy()}, graph(x).numpy()
+
+    return with_parity(entry, out_dir, cases())
+
+
+def export_synchformer(
+    model: nn.Module,
+    export_dir: str | Path,
+    *,
+    source: str,
+    source_hashes: Mapping[str, str],
+    export_segments: int = SYNC_EXPORT_SEGMENTS,
+    parity_segments: Iterable[int] = SYNC_PARITY_SEGMENTS,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    seed: int = 0,
+) -> StageEntry:
+    """Export Synchformer's visual branch (segment count dynamic) and measure its ORT parity.
+
+    ``model`` is a :class:`~foleyserve.models.synchformer.SynchformerVisual` in fp32; input
+    ``segments`` ``[n, 16, 3, 224, 224]`` (windows already normalised, as
+    :func:`~foleyserve.models.synchformer.encode_windows` cuts them), output ``features``
+    ``[n, 8, D]``. Windowing stays outside the graph and is shared with torch, so both cut a clip
+    identically. Parity is ORT CPU fp32 vs torch fp32 at ``parity_segments``.
+    """
+    from foleyserve.models.synchformer import INPUT_SIZE, SEGMENT_FRAMES
+
+    parity_segments = [int(n) for n in parity_segments]
+    if export_segments in parity_segments:
+        raise ValueError("parity must be measured at segment counts other than the export one")
+    out_dir = Path(export_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{SYNC_STAGE}.onnx"
+    graph = _SyncSegmentsGraph(copy.deepcopy(model).float().cpu()).eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def segments(n: int) -> torch.Tensor:
+        return torch.randn(n, SEGMENT_FRAMES, 3, INPUT_SIZE, INPUT_SIZE, generator=gen)
+
+    t0 = time.perf_counter()
+    _export(
+        graph, (segments(export_segments),), path, input_names=["segments"], output_names=["features"],
+        opset=opset, exporter=exporter, dynamic={"segments": {0: ("segments", 1, _MAX_SEGMENTS)}},
+    )
+    entry = stage_entry(
+        SYNC_STAGE, path, opset=opset, exporter=exporter, source=source, source_hashes=source_hashes,
+        export_seconds=time.perf_counter() - t0,
+        extra={"embed_dim": int(model.embed_dim),
+               "export_shape": [export_segments, SEGMENT_FRAMES, 3, INPUT_SIZE, INPUT_SIZE]},
+    )
+    def cases():
+        for n in parity_segments:
+            x = segments(n)
+            with torch.no_grad():
+                yield f"{n}x{SEGMENT_FRAMES}x3x{INPUT_SIZE}x{INPUT_SIZE}", {"segments": x.numpy()}, graph(x).numpy()
+
+    return with_parity(entry, out_dir, cases())
 
 
 def export_clap_text(
@@ -203,28 +265,28 @@ def export_clap_text(
         graph, example, path, input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
         opset=opset, exporter=exporter, dynamic={"input_ids": axes, "attention_mask": axes},
     )
-    entry = _entry(
+    entry = stage_entry(
         CLAP_STAGE, path, opset=opset, exporter=exporter, source=source, source_hashes=source_hashes,
         export_seconds=time.perf_counter() - t0,
         extra={"hidden_size": int(cfg.hidden_size), "max_tokens": max_tokens, "pad_token_id": int(cfg.pad_token_id),
                "export_shape": list(export_shape)},
     )
-    runtime = StageRuntime.load(out_dir, CLAP_STAGE, manifest=Manifest(stages={CLAP_STAGE: entry}))
-    parity = {}
-    for batch, tokens in parity_shapes:
-        ids, mask = synthetic_clap_tokens(_row_lengths(batch, tokens), cfg, gen)
-        with torch.no_grad():
-            ref = graph(ids, mask).numpy()
-        got = runtime.run(input_ids=ids.numpy(), attention_mask=mask.numpy())["last_hidden_state"]
-        parity[f"{batch}x{tokens}"] = rel_l2(got, ref)
-    return StageEntry(**{**entry.__dict__, "parity": parity})
+    def cases():
+        for batch, tokens in parity_shapes:
+            ids, mask = synthetic_clap_tokens(_row_lengths(batch, tokens), cfg, gen)
+            with torch.no_grad():
+                yield f"{batch}x{tokens}", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, graph(ids, mask).numpy()
+
+    return with_parity(entry, out_dir, cases())
 
 
 __all__ = [
     "CLAP_STAGE",
     "SIGLIP_STAGE",
+    "SYNC_STAGE",
     "clap_max_tokens",
     "export_clap_text",
     "export_siglip_vision",
+    "export_synchformer",
     "synthetic_clap_tokens",
 ]

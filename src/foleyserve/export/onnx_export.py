@@ -1,10 +1,11 @@
 """Export the pipeline's stages to ONNX, measure their parity against torch, record a manifest.
 
-The DAC decoder (latent length and batch dynamic) is here; SigLIP2 vision and CLAP text are in
-:mod:`foleyserve.export.encoders_onnx`. Each exporter takes a built torch
+The shared export call and the DAC decoder (latent length and batch dynamic) are here; the
+encoders are in :mod:`foleyserve.export.encoders_onnx`, the DiT step in
+:mod:`foleyserve.export.dit_onnx`, and whole-model exports in :mod:`foleyserve.export.exporter`. Each exporter takes a built torch
 module, writes ``<stage>.onnx`` into the export folder, runs the graph under ONNX Runtime (CPU,
 fp32) at lengths *other* than the export one, and returns the :class:`StageEntry` for the
-manifest with the measured rel-L2. Synchformer and the DiT step follow the same shape (issue 11).
+manifest with the measured rel-L2.
 
 Exporter: torch's default (dynamo, ``torch.export``) is used. Both it and the TorchScript
 exporter reproduce the DAC decoder at ~1e-6 rel-L2 at unseen lengths; dynamo is chosen because
@@ -15,25 +16,19 @@ the toy DAC; ``exporter="torchscript"`` remains for models torch.export cannot c
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from foleyserve.export.manifest import (
-    Manifest,
-    ManifestError,
-    StageEntry,
-    TensorSpec,
-    read_manifest,
-    sha256_file,
-    sha256_state_dict,
-    write_manifest,
-)
+from foleyserve.export.manifest import Manifest, StageEntry, TensorSpec, sha256_file
 from foleyserve.export.ort_runtime import StageRuntime, rel_l2
 
 DEFAULT_OPSET = 18
@@ -56,14 +51,6 @@ class _DacDecodeGraph(nn.Module):
         return self.dac.decode(z)
 
 
-def _producer() -> dict[str, str]:
-    import onnx
-
-    from foleyserve import __version__
-
-    return {"foleyserve": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
-
-
 def _export(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -74,8 +61,13 @@ def _export(
     dynamic: Mapping[str, Mapping[int, tuple[str, int, int]]],
     opset: int,
     exporter: str,
+    external_data: bool = False,
 ) -> None:
-    """One torch.onnx.export call for either exporter; ``dynamic`` is name -> axis -> (axis name, min, max)."""
+    """One torch.onnx.export call for either exporter; ``dynamic`` is name -> axis -> (axis name, min, max).
+
+    ``external_data`` writes the weights to ``<file>.data`` beside the graph (needed past protobuf's
+    2 GB limit); otherwise one self-contained file, which the manifest hashes whole.
+    """
     if exporter == "dynamo":
         dims: dict[str, torch.export.Dim] = {}
 
@@ -83,21 +75,37 @@ def _export(
             # One Dim object per axis name, so axes that share a name are constrained equal.
             return dims.setdefault(name, torch.export.Dim(name, min=lo, max=hi))
 
-        shapes = {n: {ax: dim(*spec) for ax, spec in dynamic.get(n, {}).items()} for n in input_names}
-        kwargs: dict[str, Any] = {"dynamic_shapes": shapes, "dynamo": True}
+        flat = [{ax: dim(*spec) for ax, spec in dynamic.get(n, {}).items()} for n in input_names]
+        kwargs = {"dynamic_shapes": _by_signature(module, flat), "dynamo": True}
     elif exporter == "torchscript":
+        kwargs: dict[str, Any]
         axes = {n: {ax: spec[0] for ax, spec in d.items()} for n, d in dynamic.items()}
         kwargs = {"dynamic_axes": axes, "dynamo": False}
     else:
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', not {exporter!r}")
     if exporter == "dynamo":
-        # One self-contained .onnx file: the manifest hashes a single file per stage.
-        kwargs["external_data"] = False
-    with torch.no_grad():
+        kwargs["external_data"] = external_data
+    # The exporter narrates its passes on stdout and warns about axis names it merged (expected:
+    # axes share names on purpose); stdout belongs to the caller (`foleyserve export --json`).
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         torch.onnx.export(
             module, example, str(path), input_names=input_names, output_names=output_names,
-            opset_version=opset, **kwargs,
+            opset_version=opset, verbose=False, **kwargs,
         )
+
+
+def _by_signature(module: nn.Module, flat: list[Any]) -> tuple[Any, ...]:
+    """Per-input dynamic shapes grouped as torch.export sees ``forward``'s arguments: inputs past
+    the named parameters belong to a ``*tensors`` parameter, which takes them as one tuple."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return (*flat[: len(named)], tuple(flat[len(named):]))
+    return tuple(flat)
 
 
 def _graph_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -113,6 +121,30 @@ def _graph_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return TensorSpec(value.name, str(np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))), shape)
 
     return [spec(v) for v in graph.input], [spec(v) for v in graph.output]
+
+
+def stage_entry(
+    stage: str, path: Path, *, opset: int, exporter: str, source: str, source_hashes: Mapping[str, str],
+    export_seconds: float, extra: dict[str, Any],
+) -> StageEntry:
+    """The manifest entry of a graph just written to ``path`` (its specs read back from the file)."""
+    inputs, outputs = _graph_specs(path)
+    return StageEntry(
+        stage=stage, file=path.name, graph_sha256=sha256_file(path), opset=opset, exporter=exporter,
+        inputs=inputs, outputs=outputs, source=source, source_hashes=dict(source_hashes),
+        export_seconds=round(export_seconds, 3), extra=extra,
+    )
+
+
+ParityCase = tuple[str, dict[str, np.ndarray], np.ndarray]  # (label, graph inputs, torch's output)
+
+
+def with_parity(entry: StageEntry, export_dir: str | Path, cases: Iterable[ParityCase]) -> StageEntry:
+    """``entry`` with the rel-L2 of its graph (ORT CPU fp32) against torch on each case recorded."""
+    runtime = StageRuntime.load(export_dir, entry.stage, manifest=Manifest(stages={entry.stage: entry}))
+    output = entry.outputs[0].name
+    parity = {label: rel_l2(runtime.run(**feed)[output], ref) for label, feed, ref in cases}
+    return StageEntry(**{**entry.__dict__, "parity": parity})
 
 
 def export_dac_decoder(
@@ -150,60 +182,18 @@ def export_dac_decoder(
         graph, example, path, input_names=["z"], output_names=["audio"], opset=opset, exporter=exporter,
         dynamic={"z": {0: ("batch", 1, 64), 2: ("latent_len", 1, _MAX_LATENT_LEN)}},
     )
-    export_seconds = time.perf_counter() - t0
-    inputs, outputs = _graph_specs(path)
-    entry = StageEntry(
-        stage=DAC_STAGE, file=path.name, graph_sha256=sha256_file(path), opset=opset, exporter=exporter,
-        inputs=inputs, outputs=outputs, source=source, source_hashes=dict(source_hashes),
-        export_seconds=round(export_seconds, 3),
+    entry = stage_entry(
+        DAC_STAGE, path, opset=opset, exporter=exporter, source=source, source_hashes=source_hashes,
+        export_seconds=time.perf_counter() - t0,
         extra={"hop_length": int(dac.hop_length), "sample_rate": int(dac.sample_rate), "latent_dim": int(dac.latent_dim),
                "export_shape": [export_shape[0], int(dac.latent_dim), export_shape[1]]},
     )
-    runtime = StageRuntime.load(out_dir, DAC_STAGE, manifest=Manifest(stages={DAC_STAGE: entry}))
-    parity = {}
-    for batch, length in parity_shapes:
-        z = torch.randn(batch, dac.latent_dim, length, generator=gen)
-        with torch.no_grad():
-            ref = dac.float().cpu().decode(z).numpy()
-        got = runtime.run(z=z.numpy())["audio"]
-        parity[f"{batch}x{dac.latent_dim}x{length}"] = rel_l2(got, ref)
-    return StageEntry(**{**entry.__dict__, "parity": parity})
 
+    def cases():
+        for batch, length in parity_shapes:
+            z = torch.randn(batch, dac.latent_dim, length, generator=gen)
+            with torch.no_grad():
+                ref = dac.float().cpu().decode(z).numpy()
+            yield f"{batch}x{dac.latent_dim}x{length}", {"z": z.numpy()}, ref
 
-def update_manifest(export_dir: str | Path, entries: Sequence[StageEntry]) -> Manifest:
-    """Merge ``entries`` into the folder's manifest (creating it), replacing stages of the same name."""
-    try:
-        manifest = read_manifest(export_dir)
-    except ManifestError:
-        manifest = Manifest()
-    for entry in entries:
-        manifest.stages[entry.stage] = entry
-    manifest.producer = _producer()
-    write_manifest(export_dir, manifest)
-    return manifest
-
-
-def export_demo(
-    export_dir: str | Path, *, stages: Sequence[str] | None = None, seed: int = 0, exporter: str = "dynamo"
-) -> Manifest:
-    """Export the demo model's stages (all exportable ones by default; seeded random weights, hashed by state dict)."""
-    from foleyserve.export.encoders_onnx import CLAP_STAGE, SIGLIP_STAGE, export_clap_text, export_siglip_vision
-    from foleyserve.pipeline.demo import demo_components
-
-    exportable = [DAC_STAGE, SIGLIP_STAGE, CLAP_STAGE]
-    stages = exportable if stages is None else list(stages)
-    unknown = set(stages) - set(exportable)
-    if unknown:
-        raise ValueError(f"cannot export {sorted(unknown)} yet; exportable: {exportable}")
-    components = demo_components(torch.device("cpu"), seed=seed)
-    exporters = {DAC_STAGE: (export_dac_decoder, components.dac), SIGLIP_STAGE: (export_siglip_vision, components.siglip),
-                 CLAP_STAGE: (export_clap_text, components.clap)}
-    entries = []
-    for stage in exportable:
-        if stage in stages:
-            export_stage, module = exporters[stage]
-            entries.append(export_stage(
-                module, export_dir, source=f"demo (seed {seed})",
-                source_hashes={"state_dict": sha256_state_dict(module.state_dict())}, exporter=exporter, seed=seed,
-            ))
-    return update_manifest(export_dir, entries)
+    return with_parity(entry, out_dir, cases())

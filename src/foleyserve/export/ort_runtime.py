@@ -41,6 +41,10 @@ class StageRuntime:
         path = Path(export_dir) / entry.file
         if not path.is_file():
             raise ManifestError(f"{path} (stage {stage!r}) is listed in the manifest but missing")
+        data = entry.extra.get("data_file")
+        if data and (not (Path(export_dir) / data).is_file() or (Path(export_dir) / data).stat().st_size != entry.extra.get("data_bytes")):
+            raise ManifestError(f"{Path(export_dir) / data} (the weights of stage {stage!r}) is missing or not the size "
+                                f"the manifest records: re-export the folder")
         if verify_hash and sha256_file(path) != entry.graph_sha256:
             # A graph re-exported without its manifest would otherwise run with stale parity claims.
             raise ManifestError(f"{path} does not match the sha256 in the manifest: re-export the folder")
