@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "preparing", "running")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added after schema 1, applied to an older database when it is opened.
 _MIGRATIONS = {
     2: (
@@ -33,6 +33,11 @@ _MIGRATIONS = {
         "ALTER TABLE jobs ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}'",
     ),
     3: ("ALTER TABLE jobs ADD COLUMN ranking TEXT NOT NULL DEFAULT '{}'",),
+    4: (
+        "ALTER TABLE jobs ADD COLUMN replica TEXT",
+        "ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN idempotency_key TEXT",
+    ),
 }
 _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 
@@ -61,12 +66,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     expired       REAL,
     owner         TEXT,
     checksums     TEXT NOT NULL DEFAULT '{}',
-    ranking       TEXT NOT NULL DEFAULT '{}'
+    ranking       TEXT NOT NULL DEFAULT '{}',
+    replica       TEXT,
+    attempt       INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
+# One job per (client, Idempotency-Key); COALESCE because a unique index treats NULLs as distinct,
+# and keys sent without a client id must collide too.
+IDEMPOTENCY_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (COALESCE(owner, ''), idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL"
+)
 
 _JSON_COLUMNS = ("params", "timings", "files", "warnings", "checksums", "ranking")
 
@@ -101,6 +115,14 @@ class JobRecord:
     checksums: dict[str, list] = field(default_factory=dict)
     # A best_of job's scores (bestof.Ranking.as_dict(): best, ranked_by, candidates, notes); {} otherwise.
     ranking: dict[str, Any] = field(default_factory=dict)
+    # Which engine replica runs (or ran) the job: None on a single-machine server, and while a
+    # clustered job waits in the queue.
+    replica: str | None = None
+    # How many times a replica claimed the job (a lease that ran out hands it to another one).
+    attempt: int = 0
+    # The Idempotency-Key header the job was submitted with: a retry with the same key (and client
+    # id) gets this job back instead of a second one.
+    idempotency_key: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -110,15 +132,66 @@ class JobRecord:
 _COLUMNS = tuple(JobRecord.__dataclass_fields__)
 
 
-class JobStore:
-    """Persistent job records; safe to call from any thread."""
+class DuplicateJob(Exception):
+    """``add`` refused a record whose Idempotency-Key (for the same client) is already taken."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, existing: JobRecord) -> None:
+        super().__init__(f"job {existing.id} already has this idempotency key")
+        self.existing = existing
+
+
+def open_store(config: Any) -> Any:
+    """The job store a :class:`~foleyserve.server.settings.ServerConfig` asks for: PostgreSQL when
+    it has a ``database_url`` (a cluster), else SQLite in ``data_dir`` (one machine)."""
+    if getattr(config, "database_url", None):
+        from foleyserve.server.pg_jobs import PgJobStore  # psycopg only where it is used
+
+        return PgJobStore(config.database_url, config.data_dir)
+    return JobStore(config.data_dir)
+
+
+class ResultFiles:
+    """The upload and result files of jobs under ``data_dir`` (shared by both stores: a cluster
+    keeps them on storage every replica mounts)."""
+
+    data_dir: Path
+    uploads_dir: Path
+    results_dir: Path
+
+    def _init_dirs(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir)
         self.uploads_dir = self.data_dir / "uploads"
         self.results_dir = self.data_dir / "results"
         for d in (self.data_dir, self.uploads_dir, self.results_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    def upload_path(self, job_id: str) -> Path:
+        return self.uploads_dir / f"{job_id}.upload"
+
+    def result_path(self, name: str) -> Path:
+        # Names come from our own records (id + fixed suffix), never from a request.
+        return self.results_dir / Path(name).name
+
+    def remove_results(self, job_id: str) -> None:
+        for pattern in (f"{job_id}.*", f"{job_id}_seed*"):  # a job's own files, and its samples'
+            for p in self.results_dir.glob(pattern):
+                _unlink(p)
+
+    def orphan_uploads(self, keep: Iterable[str]) -> list[Path]:
+        """Uploads no live job refers to (left by a crash between saving and recording)."""
+        keep = set(keep)
+        return [p for p in self.uploads_dir.glob("*.upload") if p.name not in keep]
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        _unlink(path)
+
+
+class JobStore(ResultFiles):
+    """Persistent job records; safe to call from any thread."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self._init_dirs(data_dir)
         self.path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -144,6 +217,7 @@ class JobStore:
                             if column not in have:
                                 self._db.execute(statement)
                     self._db.execute(_OWNER_INDEX)
+                    self._db.execute(IDEMPOTENCY_INDEX)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -163,7 +237,24 @@ class JobStore:
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
         with self._lock:
-            self._db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(values.values()))
+            try:
+                self._db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(values.values()))
+            except sqlite3.IntegrityError:
+                existing = self._find_by_key_locked(record.idempotency_key, record.owner) if record.idempotency_key else None
+                if existing is None:
+                    raise
+                raise DuplicateJob(existing) from None
+
+    def find_by_key(self, key: str, owner: str | None) -> JobRecord | None:
+        """The job submitted with this Idempotency-Key by this client (None: without a client id)."""
+        with self._lock:
+            return self._find_by_key_locked(key, owner)
+
+    def _find_by_key_locked(self, key: str, owner: str | None) -> JobRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE idempotency_key = ? AND COALESCE(owner, '') = ?", (key, owner or "")
+        ).fetchone()
+        return _from_row(row) if row is not None else None
 
     def update(self, job_id: str, **changes: Any) -> None:
         if not changes:
@@ -229,18 +320,6 @@ class JobStore:
 
     # -- files -----------------------------------------------------------------------------------
 
-    def upload_path(self, job_id: str) -> Path:
-        return self.uploads_dir / f"{job_id}.upload"
-
-    def result_path(self, name: str) -> Path:
-        # Names come from our own records (id + fixed suffix), never from a request.
-        return self.results_dir / Path(name).name
-
-    def remove_results(self, job_id: str) -> None:
-        for pattern in (f"{job_id}.*", f"{job_id}_seed*"):  # a job's own files, and its samples'
-            for p in self.results_dir.glob(pattern):
-                _unlink(p)
-
     def enforce_retention(self, *, max_age_s: float | None, max_bytes: int | None, now: float | None = None) -> list[str]:
         """Delete the files of finished jobs past the age limit, then of the oldest until the
         results fit in ``max_bytes``; their rows are marked expired. Returns the expired ids."""
@@ -264,11 +343,6 @@ class JobStore:
                 _unlink(self.result_path(name))
             self.update(r["id"], expired=now)
         return [r["id"] for r in doomed]
-
-    def orphan_uploads(self, keep: Iterable[str]) -> list[Path]:
-        """Uploads no live job refers to (left by a crash between saving and recording)."""
-        keep = set(keep)
-        return [p for p in self.uploads_dir.glob("*.upload") if p.name not in keep]
 
     def close(self) -> None:
         with self._lock:
