@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent: installs the Debian packages foleyserve's tests and service use (chromium for the
-# browser tests, redis-server for the shared cache) only when their binaries are missing.
+# browser tests, redis-server for the shared cache, postgresql for the scale-out job store) only
+# when their binaries are missing.
 # On a machine where we cannot use apt-get (not Debian, or not root and no passwordless sudo) it
 # warns and exits 0: those tests then skip, and nothing else depends on these packages.
 set -uo pipefail
@@ -8,10 +9,13 @@ set -uo pipefail
 # Overridable so tests can point at fake binaries; the defaults are where Debian puts them.
 CHROMIUM_BIN=${FOLEYSERVE_CHROMIUM_BIN:-/usr/bin/chromium}
 REDIS_BIN=${FOLEYSERVE_REDIS_SERVER_BIN:-/usr/bin/redis-server}
+# Debian puts initdb under a versioned folder; any version will do.
+PG_GLOB=${FOLEYSERVE_POSTGRES_GLOB:-/usr/lib/postgresql/*/bin/initdb}
 
 missing=()
 [ -x "$CHROMIUM_BIN" ] || missing+=(chromium)
 [ -x "$REDIS_BIN" ] || missing+=(redis-server)
+compgen -G "$PG_GLOB" >/dev/null || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 warn() { echo "install-system.sh: warning: $*" >&2; }

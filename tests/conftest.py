@@ -42,3 +42,14 @@ def load_fixture_model(path: Path, builder, **kw):
     model = builder(config, **kw)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory):
+    """Every stage of the demo model exported to ONNX once per test session (about a minute)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from foleyserve.export.exporter import export_demo
+
+    out = tmp_path_factory.mktemp("demo_export")
+    return out, export_demo(out)

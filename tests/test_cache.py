@@ -560,7 +560,8 @@ def run_script(tmp_path: Path, present: bool, apt: str | None) -> tuple[subproce
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     target = str(fake) if present else str(tmp_path / "absent")
-    env = {"PATH": str(bin_dir), "FOLEYSERVE_CHROMIUM_BIN": target, "FOLEYSERVE_REDIS_SERVER_BIN": str(fake)}
+    env = {"PATH": str(bin_dir), "FOLEYSERVE_CHROMIUM_BIN": target, "FOLEYSERVE_REDIS_SERVER_BIN": str(fake),
+           "FOLEYSERVE_POSTGRES_GLOB": str(fake)}
     proc = subprocess.run([shutil.which("bash"), str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     calls = log.read_text().splitlines() if log.exists() else []
     return proc, calls

@@ -68,6 +68,35 @@ def test_bad_options_name_the_choices():
         EngineConfig.from_dict({"precison": "bf16"})
 
 
+def test_encoder_precision_runs_the_encoders_under_autocast(reference):
+    from foleyserve import media
+
+    fp32 = Engine.from_config(EngineConfig(demo=True, precision="fp32", encoder_precision="fp32"))
+    bf16 = Engine.from_config(EngineConfig(demo=True, precision="fp32", encoder_precision="bf16"))
+    # fp32 encoders are the CPU's "auto": the same audio as the default engine.
+    assert torch.equal(fp32.generate(_req()).waveform, reference)
+    decoded = media.decode_frames(str(sample_clip_path()), fps_list=(8, 25), max_seconds=2.0)
+    want, got = fp32.encode_visual(decoded), bf16.encode_visual(decoded)
+    for a, b in ((want.siglip, got.siglip), (want.sync, got.sync)):
+        assert a.dtype == b.dtype == torch.float32
+        rel = float((a - b).norm() / a.norm())
+        assert 0 < rel < 0.05  # bf16 arithmetic happened, and stayed close
+    text_a, text_b = fp32.extract_text("a ball bouncing", "noisy"), bf16.extract_text("a ball bouncing", "noisy")
+    assert not torch.equal(text_a.text, text_b.text)
+    assert float((text_a.text - text_b.text).norm() / text_a.text.norm()) < 0.05
+    # Other features are other results: the engine's name (which keys every cache) says so.
+    assert bf16.components.name != fp32.components.name and "encoders bf16" in bf16.components.name
+    with pytest.raises(ConfigError, match="unknown encoder precision 'int8': choose one of auto, fp32, bf16, fp16"):
+        EngineConfig(demo=True, encoder_precision="int8").validate()
+    # Exported encoders run their graphs' precision: the setting would be silently ignored there.
+    exported = dict(demo=True, precision="fp32", backend="onnxruntime", export_dir="x", encoder_precision="bf16")
+    with pytest.raises(ConfigError, match="does not reach exported encoders \\(siglip, synchformer, clap\\)"):
+        EngineConfig(**exported).validate()
+    with pytest.raises(ConfigError, match="exported encoders \\(clap\\)"):
+        EngineConfig(**exported, backend_stages=["clap", "dit"]).validate()
+    EngineConfig(**exported, backend_stages=["dit", "dac"]).validate()  # encoders in torch: fine
+
+
 def test_step_cache_zero_is_exact_and_reports(reference):
     engine = Engine.from_config(EngineConfig(demo=True, precision="fp32", step_cache=0.0))
     assert torch.equal(engine.generate(_req()).waveform, reference)

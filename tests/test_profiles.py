@@ -21,7 +21,7 @@ from foleyserve.config import ConfigError, EngineConfig
 from foleyserve.server.settings import ServerConfig, load_profile, profile_dirs, profile_names
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("realtime", "batch", "edge", "cloud")
+SHIPPED = ("realtime", "batch", "edge", "edge-cpu", "cloud", "turbo")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -59,6 +59,12 @@ def test_profiles_choose_what_their_names_promise() -> None:
     cloud_engine, cloud = load_profile("cloud")
     assert cloud_engine.precision == "fp8" and cloud_engine.compile is True
     assert cloud.cache != "off" and cloud.max_batch_size == 4 and cloud.api_key is None  # keys come from the environment
+    cpu_engine, _ = load_profile("edge-cpu")
+    assert (cpu_engine.backend, cpu_engine.device, cpu_engine.precision) == ("onnxruntime", "cpu", "fp32")
+    assert "dac" not in cpu_engine.backend_stages and "dit" in cpu_engine.backend_stages
+    turbo_engine, turbo = load_profile("turbo")
+    assert turbo_engine.student is not None and turbo_engine.light_decoder is not None and turbo.default_steps <= 8
+    assert turbo_engine.encoder_precision == "bf16"
 
 
 def test_packaged_profiles_match_the_repository_copies() -> None:
@@ -115,7 +121,7 @@ def test_bad_profiles_name_the_problem(tmp_path: Path, text: str, expected: str)
 
 
 def test_unknown_profile_name_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown profile 'fast'; choose one of auto, batch, cloud, edge, realtime"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'fast'; choose one of auto, batch, cloud, cluster, edge, edge-cpu, realtime, turbo"):
         load_profile("fast")
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile(tmp_path / "nope.yaml")

@@ -144,3 +144,14 @@ def test_initial_noise_is_seeded_float32():
     # A seed's noise does not depend on the global RNG state.
     torch.manual_seed(123)
     assert torch.equal(initial_noise(2, 50, seed=7), a)
+
+
+def test_seeds_past_32_bits_give_their_own_noise():
+    # torch's CPU generator keeps a seed's low 32 bits: without care 2**32 + 7 would replay seed 7.
+    below = torch.randn((1, 128, 50), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(initial_noise(1, 50, seed=7), below)  # the official noise, unchanged
+    big = initial_noise(1, 50, seed=2**32 + 7)
+    assert not torch.equal(big, below) and not torch.equal(big, initial_noise(1, 50, seed=2**33 + 7))
+    assert torch.equal(big, initial_noise(1, 50, seed=2**32 + 7)) and big.dtype == torch.float32
+    top = initial_noise(2, 64, seed=2**63 - 1)
+    assert top.shape == (2, 128, 64) and abs(float(top.std()) - 1) < 0.05

@@ -124,6 +124,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="keep models in host RAM and lend the running stage to the GPU (stage), also streaming DiT blocks (sequential)",
     )
     p.add_argument("--keep-fp32", metavar="PATTERNS", help="comma-separated layer patterns kept in fp32 under bf16/fp16/fp8")
+    p.add_argument("--encoder-precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="SigLIP2, Synchformer and CLAP under autocast of this dtype (default auto: the official handling)")
+    p.add_argument("--student", type=Path, metavar="PATH",
+                   help="turbo tier: a distilled student denoiser (`foleyserve distill train`); samples with its own step count, no CFG")
+    p.add_argument("--light-decoder", type=Path, metavar="PATH", help="turbo tier: a light DAC decoder (`foleyserve distill train --target decoder`)")
+    p.add_argument(
+        "--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+        help="run exported stages on ONNX Runtime (CPU/CUDA) or on TensorRT engines built by `foleyserve export --tensorrt` (needs --export-dir; default torch)",
+    )
+    p.add_argument("--export-dir", type=Path, help="the folder `foleyserve export` wrote (for --backend)")
+    p.add_argument("--backend-stages", metavar="STAGES",
+                   help="comma-separated stages the backend runs: siglip, synchformer, clap, dit, dac (default: all exported)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, prompt: str = "") -> None:
@@ -231,7 +243,10 @@ def engine_config_from_args(args: argparse.Namespace) -> "EngineConfig":
     from foleyserve.config import ConfigError, EngineConfig
 
     demo = bool(getattr(args, "demo", False))
-    precision = args.precision or (demo_precision_for(args.device)[0] if demo else "bf16")
+    backend = getattr(args, "backend", "torch")
+    # Exported graphs carry their own precision; the torch parts left around them run fp32.
+    default_precision = "fp32" if backend != "torch" else (demo_precision_for(args.device)[0] if demo else "bf16")
+    precision = args.precision or default_precision
     if getattr(args, "model_dir", None) is None and not demo:
         raise UsageError("no model given: pass --model-dir DIR (the official weights) or --demo")
     keep = getattr(args, "keep_fp32", None)
@@ -247,11 +262,35 @@ def engine_config_from_args(args: argparse.Namespace) -> "EngineConfig":
         offload=getattr(args, "offload", "none"),
         siglip_dir=getattr(args, "siglip_dir", None),
         clap_dir=getattr(args, "clap_dir", None),
+        backend=backend,
+        export_dir=getattr(args, "export_dir", None),
+        backend_stages=_stage_list(getattr(args, "backend_stages", None)),
+        encoder_precision=getattr(args, "encoder_precision", "auto"),
+        student=getattr(args, "student", None),
+        light_decoder=getattr(args, "light_decoder", None),
     )
+    if config.student is not None or config.light_decoder is not None:
+        from foleyserve.distill.turbo import check_turbo_files
+
+        try:
+            check_turbo_files(config.student, config.light_decoder)  # headers only: a bad file fails before loading
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     try:
         return config.validate()
     except ConfigError as err:
         raise UsageError(str(err)) from None
+
+
+def _stage_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    from foleyserve.export.stages import parse_stages
+
+    try:
+        return parse_stages(text)
+    except ValueError as err:
+        raise UsageError(f"--backend-stages: {err}") from None
 
 
 def demo_precision_for(device: str) -> tuple[str, str]:
@@ -279,6 +318,12 @@ def check_before_loading(config: "EngineConfig", requests: "Sequence[GenerationR
         resolve_device(config.device)
         if not config.demo:
             check_model_folder(config.model_dir, model=config.model, siglip_dir=config.siglip_dir, clap_dir=config.clap_dir)  # type: ignore[arg-type]
+        if config.backend != "torch":
+            if missing_modules(["onnxruntime"]):
+                raise UsageError(f"--backend {config.backend} needs onnxruntime: {EXPORT_EXTRA}")
+            from foleyserve.export.backend import check_export
+
+            check_export(config)
         for request in requests:
             request.validate()
         checker = PromptChecker(demo=config.demo, model_dir=config.model_dir, clap_dir=config.clap_dir)
@@ -383,10 +428,11 @@ def _generation_errors() -> tuple[type[BaseException], ...]:
     from foleyserve.media import MediaError
     from foleyserve.models.encoders import PromptTooLongError
     from foleyserve.models.loading import CheckpointError
+    from foleyserve.export.stages import BackendError
     from foleyserve.pipeline.model_dir import ModelFolderError
     from foleyserve.pipeline.requests import RequestError
 
-    return (MediaError, RequestError, ModelFolderError, CheckpointError, PromptTooLongError, ConfigError)
+    return (MediaError, RequestError, ModelFolderError, CheckpointError, PromptTooLongError, ConfigError, BackendError)
 
 
 def _request(args: argparse.Namespace, video: Path, out: Path, gain: float | None = None) -> "GenerationRequest":
@@ -469,12 +515,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo, _add_convert]
 # Larger commands live in foleyserve/commands/<name>.py, each with add_parser(sub) that sets
 # ``run`` (a function of the parsed args returning an exit code; it may raise UsageError).
-_COMMAND_MODULES = ("serve", "batch", "profile", "fidelity", "score")
+_COMMAND_MODULES = ("serve", "batch", "profile", "fidelity", "score", "export", "distill")
 
 
 # What each command needs beyond the core dependencies, and the extra that installs it.
 SERVE_EXTRA = "pip install 'foleyserve[serve]'"
-_EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "python_multipart", "diskcache", "redis", "prometheus_client")}
+EXPORT_EXTRA = "pip install 'foleyserve[export]'"
+_EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "python_multipart", "diskcache", "redis", "prometheus_client"),
+                  "export": ("onnx", "onnxruntime", "onnxscript")}
 
 
 def missing_modules(names: Sequence[str]) -> list[str]:
@@ -490,12 +538,16 @@ def missing_modules(names: Sequence[str]) -> list[str]:
     return missing
 
 
+_EXTRA_INSTALL = {"serve": SERVE_EXTRA, "export": EXPORT_EXTRA}
+
+
 def _require_extra(command: str) -> None:
     missing = missing_modules(_EXTRA_MODULES.get(command, ()))
     if missing:
+        extra = "export" if command == "export" else "serve"
         raise UsageError(
-            f"`foleyserve {command}` needs the serve extra, which is not installed (missing: {', '.join(missing)}); "
-            f"run: {SERVE_EXTRA}"
+            f"`foleyserve {command}` needs the {extra} extra, which is not installed (missing: {', '.join(missing)}); "
+            f"run: {_EXTRA_INSTALL[extra]}"
         )
 
 

@@ -18,9 +18,15 @@ import pydantic
 PrecisionName = Literal["fp32", "bf16", "fp16", "fp8", "fp8-weight-only"]
 OffloadMode = Literal["none", "stage", "sequential"]
 ModelSize = Literal["xxl", "xl"]
+BackendName = Literal["torch", "onnxruntime", "tensorrt"]
+EncoderPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISION_NAMES: tuple[str, ...] = get_args(PrecisionName)
 OFFLOAD_MODES: tuple[str, ...] = get_args(OffloadMode)
 MODEL_SIZES: tuple[str, ...] = get_args(ModelSize)
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+# The stages an exported runtime can take over (foleyserve.export.stages maps them to graphs).
+ENCODER_STAGES = ("siglip", "synchformer", "clap")
+BACKEND_STAGES = (*ENCODER_STAGES, "dit", "dac")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # Pixels per frame one local run decodes (the server has its own max_video_pixels). Decoding
@@ -67,6 +73,19 @@ class EngineConfig:
     offload: OffloadMode = "none"
     siglip_dir: Path | None = None
     clap_dir: Path | None = None
+    # Exported runtimes (issue 11): which runtime runs the exported stages, the export folder
+    # (``foleyserve export``), and which stages use it (None = every stage the folder has).
+    backend: BackendName = "torch"
+    export_dir: Path | None = None
+    backend_stages: list[str] | None = None
+    # The three encoders (SigLIP2, Synchformer, CLAP): "auto" is the official handling (SigLIP2 and
+    # CLAP fp32, Synchformer under fp16 autocast on CUDA with a low-precision policy); fp32, bf16 or
+    # fp16 runs all three so (autocast), on any device. Once the denoiser is a 4-step student the
+    # encoders are most of a clip's cost, which is what bf16 here is for.
+    encoder_precision: EncoderPrecision = "auto"
+    # Turbo tier (issue 12): a distilled few-step student denoiser and a light DAC decoder.
+    student: Path | None = None
+    light_decoder: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> "EngineConfig":
@@ -86,6 +105,31 @@ class EngineConfig:
             raise ConfigError(
                 "compile and offload=sequential do not combine (streamed blocks change weights under the graph); pick one"
             )
+        if self.backend != "torch":
+            if self.export_dir is None:
+                raise ConfigError(f"backend {self.backend} needs export_dir (--export-dir): the folder `foleyserve export` wrote")
+            # Exported graphs carry their own precision (fp32, or int8 from `export --int8`) and
+            # hold their weights outside torch, where no policy, offload or compile reaches them.
+            dit_exported = self.backend_stages is None or "dit" in self.backend_stages
+            if dit_exported and self.precision != "fp32":
+                raise ConfigError(f"backend {self.backend} runs the graphs' own precision: set precision fp32 "
+                                  f"(use an --int8 export for INT8), not {self.precision}")
+            if self.offload != "none" or self.compile:
+                raise ConfigError(f"backend {self.backend} does not combine with offload or compile: set offload none, compile off")
+            # Exports are of the official networks; a distilled student or light decoder would run
+            # the teacher's graphs without any error, so those stages stay in torch.
+            dac_exported = self.backend_stages is None or "dac" in self.backend_stages
+            encoders = [e for e in ENCODER_STAGES if self.backend_stages is None or e in self.backend_stages]
+            if encoders and self.encoder_precision not in ("auto", "fp32"):
+                raise ConfigError(f"encoder_precision {self.encoder_precision} does not reach exported encoders ({', '.join(encoders)}), "
+                                  "which run the graphs' own precision: leave them out of backend_stages, or use an --int8 export")
+            if (self.student is not None and dit_exported) or (self.light_decoder is not None and dac_exported):
+                raise ConfigError("the turbo student and light decoder run in torch: with backend "
+                                  f"{self.backend}, set backend_stages (--backend-stages) to leave out dit and dac")
+        if self.backend_stages is not None:
+            unknown = [s for s in self.backend_stages if s not in BACKEND_STAGES]
+            if unknown or not self.backend_stages:
+                raise ConfigError(f"backend_stages {self.backend_stages!r}: choose from {', '.join(BACKEND_STAGES)}")
         return checked
 
     @classmethod
@@ -96,7 +140,7 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         v = dict(values)
-        for key in ("model_dir", "siglip_dir", "clap_dir", "compile_cache"):
+        for key in ("model_dir", "siglip_dir", "clap_dir", "compile_cache", "export_dir", "student", "light_decoder"):
             if v.get(key) is not None:
                 v[key] = Path(v[key])
         return cls(**v)
@@ -111,8 +155,10 @@ class EngineConfig:
 _ADAPTER = pydantic.TypeAdapter(EngineConfig)
 
 # How a Literal field's value is named in errors: "unknown offload mode 'disk'".
-_FIELD_NOUNS = {"precision": "precision", "offload": "offload mode", "model": "model"}
-_FIELD_CHOICES = {"precision": PRECISION_NAMES, "offload": OFFLOAD_MODES, "model": MODEL_SIZES}
+_FIELD_NOUNS = {"precision": "precision", "offload": "offload mode", "model": "model", "backend": "backend",
+                "encoder_precision": "encoder precision"}
+_FIELD_CHOICES = {"precision": PRECISION_NAMES, "offload": OFFLOAD_MODES, "model": MODEL_SIZES, "backend": BACKEND_NAMES,
+                  "encoder_precision": get_args(EncoderPrecision)}
 
 
 def _describe(error: pydantic.ValidationError) -> str:

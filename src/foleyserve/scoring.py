@@ -292,7 +292,9 @@ def load_scorers(
     clap_path = find_hf_model(CLAP_REPO, root, clap_dir)
     sd = read_state_dict(sync_path)
     scorer = load_sync_scorer(sd, device=dev)
-    if components is not None:
+    # Scoring needs the torch networks (CLAP's projection is not in the exported text graph); an
+    # engine whose stages run exported graphs has none, so they are loaded here as without one.
+    if components is not None and isinstance(components.synchformer, torch.nn.Module) and isinstance(components.clap, torch.nn.Module):
         visual, tokenizer, clap_text = components.synchformer, components.tokenizer, components.clap
     else:
         visual = build_synchformer_visual()

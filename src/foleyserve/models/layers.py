@@ -318,6 +318,9 @@ def _addcmul_as(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dtype: torch.
     The output is always a fresh contiguous tensor: left to itself an elementwise op may pick a
     permuted layout from strided inputs, and attention kernels need the head dim innermost.
     """
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or c.requires_grad):
+        # Training (the distilled student, foleyserve.distill): out= is not differentiable.
+        return torch.addcmul(a, b, c).to(dtype).contiguous()
     shape = torch.broadcast_shapes(a.shape, b.shape, c.shape)
     return torch.addcmul(a, b, c, out=torch.empty(shape, dtype=dtype, device=a.device))
 

@@ -12,7 +12,7 @@ Parameter names match the official ones under ``vfeat_extractor.`` so the releas
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -249,28 +249,39 @@ class SynchformerVisual(nn.Module):
         are not seen. ``batch_size`` caps how many windows run through the network at once (all of
         them when None). Gradient tracking is left to the caller (use ``torch.inference_mode()``).
         """
-        if frames.ndim != 5:
-            raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames.shape)}")
-        b, t = frames.shape[:2]
-        if t < SEGMENT_FRAMES:
-            raise ValueError(
-                f"Synchformer needs at least {SEGMENT_FRAMES} frames at {SYNC_FPS} fps "
-                f"({SEGMENT_FRAMES / SYNC_FPS:.2f} s of video), got {t}"
-            )
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}")
-        s = (t - SEGMENT_FRAMES) // SEGMENT_STRIDE + 1
-        # A strided view [B, S, 3, H, W, 16]; windows are copied only chunk by chunk below.
-        windows = frames.unfold(1, SEGMENT_FRAMES, SEGMENT_STRIDE)
-        order = [(i, j) for i in range(b) for j in range(s)]
-        step = len(order) if batch_size is None else batch_size
-        outputs = []
-        for start in range(0, len(order), step):
-            chunk = torch.stack([windows[i, j] for i, j in order[start : start + step]])
-            chunk = chunk.permute(0, 4, 1, 2, 3).unsqueeze(1)  # [n, 1, 16, 3, H, W]
-            outputs.append(self(chunk))
-        out = torch.cat(outputs, dim=0)  # [B*S, 1, 8, D], batch-major like the official rearrange
-        return out.reshape(b, s * out.shape[2], out.shape[3])
+        return encode_windows(self, frames, batch_size)
+
+
+def encode_windows(
+    run: "Callable[[torch.Tensor], torch.Tensor]", frames: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
+    """:meth:`SynchformerVisual.encode` for any ``run``: segments [n, 1, 16, 3, H, W] -> [n, 1, 8, D].
+
+    The windowing lives here, apart from the network, so an exported Synchformer (an ONNX graph of
+    ``forward``) cuts clips into exactly the same windows as the torch one.
+    """
+    if frames.ndim != 5:
+        raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames.shape)}")
+    b, t = frames.shape[:2]
+    if t < SEGMENT_FRAMES:
+        raise ValueError(
+            f"Synchformer needs at least {SEGMENT_FRAMES} frames at {SYNC_FPS} fps "
+            f"({SEGMENT_FRAMES / SYNC_FPS:.2f} s of video), got {t}"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size}")
+    s = (t - SEGMENT_FRAMES) // SEGMENT_STRIDE + 1
+    # A strided view [B, S, 3, H, W, 16]; windows are copied only chunk by chunk below.
+    windows = frames.unfold(1, SEGMENT_FRAMES, SEGMENT_STRIDE)
+    order = [(i, j) for i in range(b) for j in range(s)]
+    step = len(order) if batch_size is None else batch_size
+    outputs = []
+    for start in range(0, len(order), step):
+        chunk = torch.stack([windows[i, j] for i, j in order[start : start + step]])
+        chunk = chunk.permute(0, 4, 1, 2, 3).unsqueeze(1)  # [n, 1, 16, 3, H, W]
+        outputs.append(run(chunk))
+    out = torch.cat(outputs, dim=0)  # [B*S, 1, 8, D], batch-major like the official rearrange
+    return out.reshape(b, s * out.shape[2], out.shape[3])
 
 
 def build_synchformer_visual(embed_dim: int = 768, num_heads: int = 12, depth: int = 12) -> SynchformerVisual:

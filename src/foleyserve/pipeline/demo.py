@@ -169,7 +169,11 @@ def demo_scorers(components: Components | None = None, *, device: torch.device |
     from foleyserve.scoring import Scorers
 
     dev = torch.device(device)
-    comps = components if components is not None else demo_components(dev, seed=seed)
+    comps = components
+    # Scoring runs the torch towers; an engine whose stages run exported graphs (foleyserve.export)
+    # no longer holds them, so they are rebuilt as demo_components makes them.
+    if comps is None or not all(isinstance(m, torch.nn.Module) for m in (comps.synchformer, comps.clap)):
+        comps = demo_components(dev, seed=seed)
     gen = torch.Generator().manual_seed(seed + 2)
     scorer = randomize_(build_sync_scorer(tiny_sync_scorer_config(FEATURE_DIM)), gen).to(dev).eval()
     projection = int(comps.clap.config.projection_dim)

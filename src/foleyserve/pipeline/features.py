@@ -40,10 +40,11 @@ class TextFeatures:
     uncond: torch.Tensor  # [1, L, 768] the negative prompt, padded to the same L
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or device.type != "cuda":
+def encoder_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (CPU too); None: no autocast (fp32)."""
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -59,7 +60,10 @@ def siglip_features(
     out = []
     for start in range(0, len(frames), chunk):
         pixels = media.siglip_pixels(frames[start : start + chunk]).to(device)
-        out.append(encode_frames_siglip(model, pixels, batch_size=chunk).float())
+        # A stage run outside torch (an exported graph, foleyserve.export.backend) offers encode_pixels.
+        encode = getattr(model, "encode_pixels", None)
+        feats = encode(pixels) if encode is not None else encode_frames_siglip(model, pixels, batch_size=chunk)
+        out.append(feats.float())
         if progress is not None:
             progress(min(start + chunk, len(frames)), len(frames))
     return torch.cat(out, 0).unsqueeze(0)
@@ -76,10 +80,11 @@ def sync_features(
 ) -> torch.Tensor:
     """[T, H, W, 3] uint8 frames at 25 fps -> [1, 8*S, D] Synchformer features (fp32).
 
-    The official runs this under fp16 autocast on CUDA; ``autocast_dtype`` reproduces that there.
+    The official runs this under fp16 autocast on CUDA; ``autocast_dtype`` reproduces that there
+    (the engine passes it on CUDA only, unless ``encoder_precision`` asks for it).
     """
     pixels = media.synchformer_pixels(frames).unsqueeze(0)  # [1, T, 3, 224, 224] float32 on the host
-    with _autocast(device, autocast_dtype):
+    with encoder_autocast(device, autocast_dtype):
         feats = model.encode(pixels.to(device), batch_size=chunk)
     return feats.float()
 

@@ -23,6 +23,7 @@ from foleyserve.pipeline import longform
 from foleyserve.pipeline.features import (
     TextFeatures,
     VisualFeatures,
+    encoder_autocast,
     siglip_features,
     sync_features,
     text_features,
@@ -98,6 +99,8 @@ class Engine:
 
     components: Components
     precision: str = "fp32"
+    # The encoders' precision (EngineConfig.encoder_precision): "auto" is the official handling.
+    encoder_precision: str = "auto"
     siglip_chunk: int = 16
     sync_chunk: int = 8
     # Step cache threshold (see pipeline/stepcache.py); None = off, the exact default.
@@ -113,6 +116,10 @@ class Engine:
     model_dir: Path | None = None
     clap_dir: Path | None = None
     scorers: object | None = field(default=None, repr=False)  # scoring.Scorers, loaded on first use
+    # Which stages run exported graphs, on which providers (foleyserve.export.backend); None = all torch.
+    backend_report: dict | None = None
+    # The turbo tier's student (distill/student.py): its step count and no CFG replace each request's.
+    student_recipe: object | None = None
     _lender: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,7 +186,15 @@ class Engine:
             comps.device = dev
             engine = cls(components=comps, precision=config.precision, model_dir=Path(config.model_dir),  # type: ignore[arg-type]
                          clap_dir=config.clap_dir and Path(config.clap_dir))
-        return engine.configure(config)
+        engine.configure(config)
+        if config.backend != "torch":
+            # Exported graphs replace the torch networks stage by stage. The runtime layer is
+            # imported by name only here: the engine core itself knows nothing of ONNX.
+            import importlib
+
+            attach = importlib.import_module("foleyserve.export.backend").attach_backend
+            engine.backend_report = attach(engine, config)
+        return engine
 
     def configure(self, config: "EngineConfig") -> "Engine":
         """Apply the cost options to the loaded models: precision policy, step cache, offload, compile.
@@ -194,10 +209,18 @@ class Engine:
         if config.compile and config.offload == "sequential":
             raise ConfigError("compile and offload=sequential do not combine (streamed blocks change weights under the graph); pick one")
         c = self.components
+        if config.student is not None or config.light_decoder is not None:
+            from foleyserve.distill.turbo import apply_turbo
+
+            apply_turbo(self, config.student, config.light_decoder)  # before the policy, so it applies to the student
         report = apply_policy(c.dit, config.precision, keep_fp32=config.keep_fp32)
         self.policy_report = report.as_dict()
         self.precision = config.precision
         self.step_cache = config.step_cache
+        if config.encoder_precision != "auto" and self.encoder_precision == "auto":
+            self.encoder_precision = config.encoder_precision
+            # Other encoder numbers are other features: the name keys every cache level.
+            c.name = f"{c.name} + encoders {config.encoder_precision}"
         models = {"dit": c.dit, "dac": c.dac, "synchformer": c.synchformer, "siglip": c.siglip, "clap": c.clap}
         self._lender = apply_offload(config.offload, self.device, models, dit=c.dit)
         self.offload = config.offload
@@ -324,14 +347,14 @@ class Engine:
         report = progress or (lambda _stage, _done, _total: None)
         c = self.components
         with timer.stage("siglip2"):
-            with self._on_device(c.siglip):
+            with self._on_device(c.siglip), encoder_autocast(self.device, self._encoder_dtype()):
                 sig = siglip_features(
                     c.siglip, decoded.frames[8], device=self.device, chunk=self.siglip_chunk,
                     progress=lambda done, total: report("siglip2", done, total),
                 )
         with timer.stage("synchformer"):
             report("synchformer", 0, 1)
-            autocast = torch.float16 if self.precision != "fp32" else None
+            autocast = self._encoder_dtype(official=torch.float16 if self.precision != "fp32" and self.device.type == "cuda" else None)
             with self._on_device(c.synchformer):
                 syn = sync_features(
                     c.synchformer, decoded.frames[25], device=self.device, chunk=self.sync_chunk, autocast_dtype=autocast
@@ -339,10 +362,16 @@ class Engine:
             report("synchformer", 1, 1)
         return VisualFeatures(siglip=sig, sync=syn, frames_25fps=len(decoded.frames[25]))
 
+    def _encoder_dtype(self, official: torch.dtype | None = None) -> torch.dtype | None:
+        """The autocast dtype of an encoder: ``official`` (the official handling) under "auto"."""
+        if self.encoder_precision == "auto":
+            return official
+        return None if self.encoder_precision == "fp32" else resolve_precision(self.encoder_precision)
+
     def extract_text(self, prompt: str, negative_prompt: str, timer: StageTimer | None = None) -> TextFeatures:
         """CLAP features of the prompt pair, tokenized together as the official code does."""
         timer = timer or StageTimer(self.device)
-        with timer.stage("clap"), self._on_device(self.components.clap):
+        with timer.stage("clap"), self._on_device(self.components.clap), encoder_autocast(self.device, self._encoder_dtype()):
             return text_features(self.components.tokenizer, self.components.clap, prompt, negative_prompt, device=self.device)
 
     def sample(
@@ -355,7 +384,10 @@ class Engine:
         guidance: float,
         progress: ProgressFn | None = None,
     ) -> torch.Tensor:
-        """Latents [len(seeds), 128, La] for one feature set; each row has its own seeded noise."""
+        """Latents [len(seeds), 128, La] for one feature set; each row has its own seeded noise.
+        A student engine samples with its own step count and no CFG, whatever is asked."""
+        if self.student_recipe is not None:
+            steps, guidance = self.student_recipe.steps, 1.0  # type: ignore[attr-defined]
         noise = torch.cat([initial_noise(1, visual.latent_length, seed=s) for s in seeds]).to(self.device)
         cb = (lambda i, n, _x: progress("denoise", i, n)) if progress else None
         n_text = text.text.shape[1]
@@ -414,6 +446,10 @@ class Engine:
         """Validate a request and run its encoders. Callers with cached features pass them in
         (``decoded`` is still needed for the result's duration and muxing; it is decoded if absent)."""
         request.validate()
+        if self.student_recipe is not None:
+            from foleyserve.distill.student import with_recipe
+
+            request = with_recipe(request, self.student_recipe)  # type: ignore[arg-type]
         timer = StageTimer(self.device)
         if decoded is None:
             decoded = self.decode(request.video, timer, progress, max_seconds=request.duration or MAX_SECONDS)

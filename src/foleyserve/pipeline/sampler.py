@@ -55,7 +55,17 @@ def flow_match_schedule(
 def initial_noise(
     batch: int, length: int, *, seed: int, channels: int = 128, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Seeded float32 noise ``[batch, channels, length]``, identical on every device."""
+    """Seeded float32 noise ``[batch, channels, length]``, identical on every device.
+
+    Seeds below 2**32 draw exactly the official noise (torch's CPU generator). That generator keeps
+    only a seed's low 32 bits, so for larger seeds (requests take up to 2**63 - 1) the noise comes
+    from NumPy's PCG64, which takes all 64: distinct seeds give distinct audio.
+    """
+    if seed >= 2**32:
+        import numpy as np
+
+        rng = np.random.Generator(np.random.PCG64(seed))
+        return torch.from_numpy(rng.standard_normal((batch, channels, length), dtype=np.float32)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn((batch, channels, length), generator=gen, dtype=torch.float32).to(device)
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -47,7 +47,7 @@ from foleyserve.server.forms import (
     BEST_OF, DEFAULT_RANK, NUM_SAMPLES, RANK_MEASURES, check_text_only, form_model, openapi_request_body, parse_fields,
     receive_form, resolve_best_of,
 )
-from foleyserve.server.jobs import ACTIVE_STATUSES, JobRecord
+from foleyserve.server.jobs import ACTIVE_STATUSES, DuplicateJob, JobRecord
 from foleyserve.server.prometheus import CONTENT_TYPE
 from foleyserve.server.results import file_key, rank_of, seeds_of
 from foleyserve.server.schemas import ERROR_RESPONSES, ErrorBody, Health, JobBody, JobList, Ready
@@ -64,16 +64,23 @@ WAIT_POLL_S = 0.05
 # Room for the multipart framing and the text fields on top of the video itself.
 FORM_OVERHEAD_BYTES = 256 * 1024
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp4": "video/mp4"}
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 # ------------------------------------------------------------------------------------- the app
 
 
-def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, *, engine: Any | None = None) -> FastAPI:
+def create_app(
+    config: ServerConfig, engine_config: EngineConfig | None = None, *, engine: Any | None = None,
+    service_factory: Callable[..., Service] = Service,
+) -> FastAPI:
     """The service as an ASGI app. Pass ``engine`` (prebuilt, e.g. in tests) or ``engine_config``
-    (loaded in a background thread at startup)."""
+    (loaded in a background thread at startup). ``service_factory(config, engine_config, engine)``
+    builds the state behind the routes: the Ray Serve ingress passes one whose jobs run on the
+    engine replicas (server/ray_app.py), so both share these routes."""
     config = ServerConfig.from_dict(config.to_dict()).validate()  # a checked copy with Path fields
-    service = Service(config, engine_config, engine)
+    service = service_factory(config, engine_config, engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +117,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
 
         app.add_middleware(
             CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", CLIENT_ID_HEADER], expose_headers=["Retry-After", "Location"],
+            allow_headers=["Authorization", "Content-Type", CLIENT_ID_HEADER, IDEMPOTENCY_HEADER],
+            expose_headers=["Retry-After", "Location", "Idempotent-Replayed"],
         )
     add_error_handlers(app, config, lambda: service.metrics.requests.labels(status="rejected").inc())
 
@@ -150,14 +158,14 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.head("/healthz", include_in_schema=False)
-    @app.get("/healthz", response_model=Health, tags=["operations"],
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, tags=["operations"],
              summary="Liveness: the process answers (and how its data directory is); HEAD too")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "storage": service.storage.problem() or "ok"}
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "storage": service.storage.problem() or "ok", "replicas": service.replicas()}
 
     @app.head("/readyz", include_in_schema=False)
     @app.get(
-        "/readyz", response_model=Ready, tags=["operations"],
+        "/readyz", response_model=Ready, response_model_exclude_none=True, tags=["operations"],
         summary="Readiness: the model is loaded and the data directory takes writes; HEAD too",
         responses={503: {"model": ErrorBody, "description": "Still loading, the model failed to load, or the disk refuses writes"}},
     )
@@ -177,7 +185,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                     {"Retry-After": "10"},
                 )
             return error_response(503, "not_ready", "the model is loading; try again shortly", {"Retry-After": "5"})
-        return {"status": "ready", **info}
+        return {"status": "ready", **info, "replicas": service.replicas()}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response,
              dependencies=[] if config.metrics_public else auth)
@@ -214,7 +222,9 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
             },
             "auth": bool(config.api_key),
             # The web page warns before the first run that the demo model's audio is noise.
-            "demo": str(getattr(getattr(service.engine, "components", None), "name", "")).startswith("demo"),
+            "demo": service.is_demo(),
+            # Scaled out on Ray Serve: the engine replicas and their state; null on one process.
+            "replicas": service.replicas(),
         }
 
     # -- generations -----------------------------------------------------------------------------
@@ -256,6 +266,13 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         if refusal is not None:
             raise refusal
         store, batcher = service.store, service.batcher
+        key = idempotency_key(request)
+        owner = client_id(request)
+        if key is not None:
+            # A retry of a submission that got through: its job, without reading the upload again.
+            earlier = await run_in_threadpool(store.find_by_key, key, owner)
+            if earlier is not None:
+                return _repeat(response, service, earlier, root(request))
         job_id = uuid.uuid4().hex
         upload = store.upload_path(job_id)
         try:
@@ -281,7 +298,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 raise ApiError(422, "invalid_parameter", f"seed + num_samples - 1 must be at most {MAX_SEED}; choose a smaller seed")
             priority = params.pop("priority") or config.default_priority
             rec = JobRecord(id=job_id, status="queued", priority=priority, params=params, created=time.time(),
-                            upload=None if params["text_only"] else upload.name, owner=client_id(request))
+                            upload=None if params["text_only"] else upload.name, owner=owner, idempotency_key=key)
             await run_in_threadpool(service.check_prompts, params["prompt"], params["negative_prompt"])
             if form.has_video:
                 await run_in_threadpool(inspect_upload, upload, config, form.filename)
@@ -292,6 +309,10 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
                 raise ApiError(422, "invalid_parameter", str(e)) from None
             try:
                 store.add(rec)
+            except DuplicateJob as e:
+                # The same key raced in from a concurrent retry, which won.
+                unlink(upload)
+                return _repeat(response, service, e.existing, root(request))
             except Exception as e:
                 raise storage_refusal(e, service) from None
             try:
@@ -389,6 +410,28 @@ def create_app(config: ServerConfig, engine_config: EngineConfig | None = None, 
         return download(job_id, "video", seed)
 
     return app
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The Idempotency-Key header (a retried submission with the same key and client id gets the
+    first job back), checked; 422 for a malformed one."""
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(value):
+        raise ApiError(422, "invalid_parameter",
+                       f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII characters (a UUID is a good choice)")
+    return value
+
+
+def _repeat(response: Response, service: Service, rec: JobRecord, root: str) -> dict[str, Any]:
+    """The answer to a repeated submission: the first job's body (200 once it has ended)."""
+    response.headers["Location"] = f"{root}/v1/generations/{rec.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    rec = service.record(rec.id) or rec
+    if rec.is_final:
+        response.status_code = 200
+    return service.body(rec, root)
 
 
 def _version() -> str:

@@ -78,6 +78,25 @@ class JobBody(BaseModel):
         "best_of: every candidate's scores once succeeded, best first (empty before and for other jobs)"))
 
 
+    replica: str | None = Field(None, description=(
+        "The engine replica that runs or ran the job (a server scaled out on Ray Serve); null on one machine "
+        "and while the job waits in the queue"))
+    attempt: int = Field(0, description="How many times a replica took the job (above 1: a replica died and another re-ran it)")
+
+
+class ReplicaInfo(BaseModel):
+    id: str = Field(description="The replica's id (its Ray Serve replica id)")
+    ready: bool = Field(description="The model is loaded and it takes jobs")
+    queue_depth: int = Field(description="Jobs waiting in its batcher")
+    running: int = Field(description="Jobs it holds (waiting or denoising)")
+    model: str | None = None
+    precision: str | None = None
+    device: str | None = None
+    node: str | None = Field(None, description="The host it runs on")
+    pid: int | None = None
+    age_s: float = Field(description="Seconds since its last heartbeat")
+
+
 class JobList(BaseModel):
     items: list[JobBody] = Field(description="Most recent first")
 
@@ -85,6 +104,7 @@ class JobList(BaseModel):
 class Health(BaseModel):
     status: str
     storage: str = Field(description="ok, or what is wrong with the data directory (full, read-only)")
+    replicas: list[ReplicaInfo] | None = Field(None, description="Scaled out: every engine replica heard from lately")
 
 
 class Ready(BaseModel):
@@ -92,6 +112,7 @@ class Ready(BaseModel):
     model: str
     precision: str
     device: str
+    replicas: list[ReplicaInfo] | None = Field(None, description="Scaled out: every engine replica heard from lately")
 
 
 ERROR_RESPONSES = {

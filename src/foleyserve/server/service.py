@@ -13,7 +13,7 @@ from typing import Any
 from foleyserve import media
 from foleyserve.config import EngineConfig
 from foleyserve.pipeline.requests import DEFAULT_LOUDNESS, GenerationRequest, RequestError
-from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
+from foleyserve.server.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, open_store
 from foleyserve.server.prometheus import LiveSources, ServerMetrics
 from foleyserve.server.results import candidate_list, rank_of, sample_list, seeds_of, write_files
 from foleyserve.server.settings import ServerConfig
@@ -38,7 +38,8 @@ class Service:
         self.config = config
         self.engine_config = engine_config
         self.engine = engine
-        self.store = JobStore(config.data_dir)
+        # SQLite in data_dir, or PostgreSQL when the config has a database_url (a cluster).
+        self.store: Any = open_store(config)
         self.storage = StorageHealth(config.data_dir, int(config.min_free_mb * 2**20))
         self.storage.refresh()
         self.verifier = ResultVerifier()
@@ -176,11 +177,19 @@ class Service:
         records = engine.warm_up(c.warmup_seconds, batch_sizes=c.warmup_batch_sizes, progress=progress)
         self.warmup = {"done": len(records), "total": len(records), "current": "done", "buckets": records}
 
-    def engine_info(self) -> dict[str, str] | None:
+    def engine_info(self) -> dict[str, Any] | None:
         e = self.engine if self.ready.is_set() else None
         if e is None:
             return None
         return {"model": str(e.components.name), "precision": str(e.precision), "device": str(e.device)}
+
+    def replicas(self) -> list[dict[str, Any]] | None:
+        """The engine replicas behind this API with their state (a cluster), or None (one process)."""
+        return None
+
+    def is_demo(self) -> bool:
+        """Whether the jobs run on the demo model (the web page warns that its audio is noise)."""
+        return str(getattr(getattr(self.engine, "components", None), "name", "")).startswith("demo")
 
     # -- restart recovery and retention -----------------------------------------------------------
 
@@ -390,10 +399,18 @@ class Service:
                 changes["status"], timings=changes.get("timings", {}),
                 seconds=now - rec.created, audio_seconds=changes.get("audio_seconds"),
             )
+        elif changes["status"] == "succeeded":
+            # The row ended meanwhile (cancelled; in a cluster, handed to another replica): the
+            # files just written belong to no outcome.
+            self.store.remove_results(job.id)
+        self._release_upload(job.id, written)
+
+    def _release_upload(self, job_id: str, written: bool | None) -> None:
+        """Delete a job's upload once its final state is recorded (True) or the row had already
+        ended (False). While the final state is unsaved (None) the upload stays: if the process
+        stops before the disk takes the state, the next start re-runs the job from it."""
         if written is not None:
-            # While the final state is unsaved the upload stays: if the process stops before the
-            # disk takes the state, the next start re-runs the job from it.
-            unlink(self.store.upload_path(job.id))
+            unlink(self.store.upload_path(job_id))
 
     def _write_progress(self, job_id: str, changes: dict[str, Any]) -> None:
         # Progress is advisory: a disk that refuses it must not fail the job (its final state is
@@ -405,11 +422,15 @@ class Service:
                 raise
             self.storage.write_failed(e)
 
+    def _write_results(self, job: Any, rec: JobRecord) -> dict[str, str]:
+        """Put the batcher's output where downloads read it; returns ``JobRecord.files``."""
+        return write_files(self.store, job, rec)
+
     def _keep_result(self, job: Any, rec: JobRecord) -> dict[str, Any]:
         result = job.result
         if result is None:
             raise RuntimeError("the batcher reported success without a result")
-        files = write_files(self.store, job, rec)
+        files = self._write_results(job, rec)
         warnings = list(dict.fromkeys(str(w) for r in (job.results or [result]) for w in (r.warnings or [])))
         checksums = {n: file_digest(self.store.result_path(n)) for n in files.values()}
         return {
@@ -497,6 +518,8 @@ class Service:
             "results": sample_list(rec, base, ok),
             "best_of": p.get("best_of"), "rank": p.get("rank"),
             "ranked_by": (rec.ranking or {}).get("ranked_by"), "candidates": candidate_list(rec, base, ok),
+            # Which engine replica ran the job, and how many claims it took (clustered servers).
+            "replica": rec.replica, "attempt": rec.attempt,
         }
 
     def check_prompts(self, prompt: str, negative_prompt: str) -> None:

@@ -32,6 +32,12 @@ Int = Annotated[int, Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
+def _database_url(value: str) -> str:
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("not a PostgreSQL URL")
+    return value
+
+
 def _cache_mode(value: str) -> str:
     if value not in CACHE_MODES and not value.startswith(("redis://", "rediss://")):
         raise ValueError("not a cache mode")
@@ -92,6 +98,22 @@ class ServerConfig:
     # /readyz turns 200, so the first best_of job does not pay for it inside the job. Off by default:
     # they cost host/device memory that servers without best-of traffic do not need.
     preload_scorers: Annotated[bool, Field(strict=True)] = False
+    # Scale out (foleyserve serve --ray, docs/scale-out.md). database_url puts the jobs in
+    # PostgreSQL (postgresql://user@host:5432/db; better passed through FOLEYSERVE_DATABASE_URL, it
+    # may carry a password) instead of data_dir/jobs.sqlite3, so that every replica sees every job;
+    # data_dir must then be storage every replica mounts (NFS, EFS), since uploads and results live there.
+    database_url: Annotated[str, AfterValidator(_database_url)] | None = None
+    # A replica holds a job for this long and renews it every third of it; a replica that dies
+    # stops renewing, and its jobs go back to the queue when the lease runs out.
+    lease_seconds: Annotated[Number, Field(ge=1, le=3600)] = 30.0
+    # Engine replicas under Ray Serve: a fixed count, or autoscaling between [min, max] (wins).
+    replicas: Annotated[Int, Field(ge=1, le=1024)] = 1
+    autoscale: Annotated[list[Annotated[Int, Field(ge=0, le=1024)]], Field(min_length=2, max_length=2)] | None = None
+    # GPUs each engine replica reserves (1 on a GPU cluster: one replica per GPU; 0 runs on CPUs).
+    replica_gpus: Annotated[Number, Field(ge=0, le=8)] = 0.0
+    replica_cpus: Annotated[Number, Field(ge=0, le=256)] = 1.0
+    # The Ray cluster to join (ray://host:10001 or auto); None starts a local one.
+    ray_address: Annotated[str, Field(min_length=1)] | None = None
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -113,6 +135,10 @@ class ServerConfig:
             _ADAPTER.validate_python(values)
         except pydantic.ValidationError as e:
             raise ConfigError(_describe(e, values)) from None
+        # min >= 1: with no replica the API refuses jobs (503), so no queue would ever grow to
+        # make the autoscaler start one.
+        if self.autoscale is not None and not 1 <= self.autoscale[0] <= self.autoscale[1]:
+            raise ConfigError(f"autoscale must be [min, max] with 1 <= min <= max, got {self.autoscale!r}")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps must be an integer from 1 to {self.max_steps}, got {self.default_steps!r}")
         return self
@@ -139,7 +165,16 @@ class ServerConfig:
         """The options minus the secret, for logs and the info route."""
         d = self.to_dict()
         d["api_key"] = "***" if self.api_key else None
+        if self.database_url:
+            d["database_url"] = redact_url(self.database_url)
         return d
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced, for logs and error messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 _ADAPTER = pydantic.TypeAdapter(ServerConfig)
@@ -153,6 +188,9 @@ _SPECIAL_RULES = {
     "warmup_seconds": "a list of clip lengths between 0.64 and 15.04 s",
     "warmup_batch_sizes": "a list of whole numbers 1-256",
     "preload_scorers": "true or false",
+    "database_url": "a postgresql://user@host:port/database URL, or null for the local SQLite file",
+    "autoscale": "a list of two whole numbers [min, max] with 1 <= min <= max, or null",
+    "ray_address": "a Ray address such as ray://head:10001 or auto, or null for a local Ray",
 }
 
 
