@@ -38,7 +38,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
                  "--batch-size", "2", "--segment", "8", "--device", "cpu"]) == 0
     report = root / "eval.json"
     assert main(["distill", "eval", str(data), "--student", str(out / "student-k4.safetensors"), "--light-decoder",
-                 str(out / "light-decoder.safetensors"), "--reference-steps", "8", "--seeds-per-clip", "1",
+                 str(out / "light-decoder.safetensors"), "--reference-steps", "8", "--seeds-per-clip", "1", "--train-seeds", "1",
                  "--json", str(report), "--device", "cpu"]) == 0
     return {"root": root, "csv": csv, "data": data, "out": out, "report": report}
 
@@ -100,6 +100,27 @@ def test_eval_reports_every_variant(run) -> None:
     for v in report["variants"].values():
         assert {"latent_rel_l2", "snr_db", "log_mel_db", "decode_s"} <= set(v)
     assert report["light_decoder_params"] <= 0.2 * report["teacher_decoder_params"]
+    # Where the error comes from: the state after each of the 4 steps, the last being the sample.
+    for name in ("teacher-4-cfg", "student-4"):
+        path = report["variants"][name]["step_rel_l2"]
+        assert len(path) == 4 and path[-1] == pytest.approx(report["variants"][name]["latent_rel_l2"])
+        assert all(x > 0 for x in path)
+    assert set(report["train_noise"]) == {"student-4", "student-4+light"} and report["train_seeds_per_clip"] == 1
+
+
+def test_eval_step_errors_follow_the_reference_path(run) -> None:
+    from foleyserve.distill.evaluate import evaluate
+    from foleyserve.distill.turbo import teacher_components
+
+    comps = teacher_components({"demo": True}, torch.device("cpu"), torch.float32)
+    dit, _ = load_student(run["out"] / "student-k4.safetensors")
+    # With the reference at 4 guided steps, the 4-step teacher IS the reference: every state matches.
+    report = evaluate(comps.dit, comps.dac, run["data"], students={4: dit}, reference_steps=4, seeds_per_clip=1, train_seeds=1)
+    assert report["variants"]["teacher-4-cfg"]["step_rel_l2"] == [0.0, 0.0, 0.0, 0.0]
+    student = report["variants"]["student-4"]["step_rel_l2"]
+    assert len(student) == 4 and student[0] > 0
+    # The training split ran the student on the prepared noise: its rows exist and differ from new noise.
+    assert report["train_noise"]["student-4"]["latent_rel_l2"] != report["variants"]["student-4"]["latent_rel_l2"]
 
 
 def test_engine_samples_with_the_students_recipe(run) -> None:
@@ -168,6 +189,7 @@ def test_student_round_trips_its_recipe(tmp_path: Path) -> None:
         (["distill", "train", "/nonexistent", "--out", "x"], "not a prepared data folder"),
         (["distill", "train", "{data}", "--out", "x", "--steps", "3"], "holds trajectories for"),
         (["distill", "eval", "{data}"], "nothing to evaluate"),
+        (["distill", "eval", "{data}", "--train-seeds", "2"], "--train-seeds measures students"),
         (["distill", "eval", "{data}", "--student", "{csv}"], "not a safetensors file"),
         (["generate", "{video}", "--demo", "--student", "/nonexistent.safetensors", "--out", "{root}/o.wav"], "does not exist"),
         (["generate", "{video}", "--demo", "--light-decoder", "{student}", "--out", "{root}/o.wav"], "not a light decoder"),

@@ -75,6 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pe.add_argument("--light-decoder", type=Path, help="light decoder file")
     pe.add_argument("--seeds-per-clip", type=int, default=2, help="held-out seeds per clip (default 2)")
     pe.add_argument("--max-clips", type=int, help="evaluate only the first N clips")
+    pe.add_argument("--train-seeds", type=int, default=0,
+                    help="also run the students on N of each clip's training seeds: memorisation shows as a gap to new noise (default 0)")
     pe.add_argument("--reference-steps", type=int, default=50, help="teacher steps of the reference (default 50)")
     pe.add_argument("--scores", action="store_true", help="also CLAP text-match and DeSync (demo scorers for a demo teacher)")
     pe.add_argument("--json", type=Path, help="write the report here")
@@ -238,6 +240,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     for name in ("seeds_per_clip", "max_clips", "reference_steps", "threads"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.train_seeds < 0:
+        raise UsageError(f"--train-seeds must be >= 0, got {args.train_seeds}")
+    if args.train_seeds and not args.student:
+        raise UsageError("--train-seeds measures students: pass --student FILE")
     if not args.student and args.light_decoder is None:
         raise UsageError("nothing to evaluate: pass --student FILE (and/or --light-decoder FILE)")
     try:
@@ -271,7 +277,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             scorers = load_scorers(manifest["options"]["teacher"]["model_dir"], components=comps)
     report = evaluate(comps.dit, comps.dac, args.data, students=students, light_decoder=light,
                       guidance=float(manifest["options"]["guidance"]), reference_steps=args.reference_steps,
-                      seeds_per_clip=args.seeds_per_clip, max_clips=args.max_clips, scorers=scorers,
+                      seeds_per_clip=args.seeds_per_clip, max_clips=args.max_clips, scorers=scorers, train_seeds=args.train_seeds,
                       progress=_progress("eval", "clip"))
     if light is not None:
         from foleyserve.distill.light_decoder import decoder_params
