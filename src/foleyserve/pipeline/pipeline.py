@@ -253,36 +253,9 @@ class Engine:
         ``progress(done, total, what)`` is called before each bucket and at the end (a server's
         /readyz shows it).
         """
-        import time
+        from foleyserve.pipeline.warmup import warm_up
 
-        from foleyserve.pipeline.features import TextFeatures, VisualFeatures
-        from foleyserve.pipeline.lengths import clip_lengths
-
-        plan = [(float(s), int(b)) for s in seconds for b in batch_sizes]
-        done: list[dict] = []
-        dit = self.components.dit
-        cfg = dit.config
-        for i, (sec, batch) in enumerate(plan):
-            if progress:
-                progress(i, len(plan), f"{sec:g} s x {batch}")
-            n = clip_lengths(sec)
-            visual = VisualFeatures(
-                siglip=torch.zeros(1, n["visual_len"], cfg.clip_dim, device=self.device),
-                sync=torch.zeros(1, n["sync_len"], cfg.sync_feat_dim, device=self.device),
-                frames_25fps=n["frames_25fps"],
-            )
-            text = TextFeatures(text=torch.zeros(1, 8, cfg.condition_dim, device=self.device),
-                                uncond=torch.zeros(1, 8, cfg.condition_dim, device=self.device))
-            start = time.perf_counter()
-            self.sample(visual, text, seeds=list(range(batch)), steps=steps, guidance=4.5)
-            done.append({"seconds": sec, "batch": batch, "wall_s": round(time.perf_counter() - start, 3)})
-        if progress:
-            progress(len(plan), len(plan), "done")
-        if self.compile_cache is not None and self.step_graphs is not None:
-            from foleyserve.pipeline.stepgraph import save_compile_artifacts
-
-            save_compile_artifacts(self.compile_cache)
-        return done
+        return warm_up(self, seconds, batch_sizes=batch_sizes, steps=steps, progress=progress)
 
     def _on_device(self, module: torch.nn.Module):
         """The stage lender's context for ``module`` (a no-op without offload)."""
