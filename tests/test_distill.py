@@ -188,6 +188,7 @@ def test_student_round_trips_its_recipe(tmp_path: Path) -> None:
         (["distill", "prepare", "{csv}", "--out", "x", "--demo", "--seed", str(2**31 - 1), "--seeds-per-clip", "2"], "are the evaluation's"),
         (["distill", "train", "/nonexistent", "--out", "x"], "not a prepared data folder"),
         (["distill", "train", "{data}", "--out", "x", "--steps", "3"], "holds trajectories for"),
+        (["distill", "train", "{data}", "--out", "x", "--first-window-share", "1"], "--first-window-share must be between"),
         (["distill", "eval", "{data}"], "nothing to evaluate"),
         (["distill", "eval", "{data}", "--train-seeds", "2"], "--train-seeds measures students"),
         (["distill", "eval", "{data}", "--student", "{csv}"], "not a safetensors file"),
@@ -248,3 +249,16 @@ def test_serve_flags_override_the_turbo_profile(run) -> None:
     assert engine.student == run["out"] / "student-k4.safetensors"
     assert engine.light_decoder == run["out"] / "light-decoder.safetensors"
     assert engine.encoder_precision == "fp16"  # the flag wins over the profile's bf16
+
+
+def test_first_window_share_draws_the_first_window(run) -> None:
+    from foleyserve.distill.train_student import window_batch
+
+    clip = load_clips(run["data"])[0]
+    rows = [0, 1] * 200
+    gen = torch.Generator().manual_seed(0)
+    _, sigma, _ = window_batch(clip, rows, 4, 1.0, gen, first_window_share=0.7)
+    first = (sigma == 1.0).float().mean().item()
+    assert 0.6 < first < 0.8 and set(sigma.tolist()) == {1.0, 0.75, 0.5, 0.25}
+    _, sigma, _ = window_batch(clip, rows, 4, 1.0, gen)
+    assert 0.15 < (sigma == 1.0).float().mean().item() < 0.35

@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--segment", type=int, default=32, help="decoder: latent frames per training window (default 32)")
     pt.add_argument("--start-fraction", type=float, default=0.5,
                     help="student: share of samples at a window start (where sampling evaluates) rather than inside it (default 0.5)")
+    pt.add_argument("--first-window-share", type=float,
+                    help="student: share of rows from the first window, where eval's per-step errors usually show the error is made (default: 1/K, uniform)")
     pt.add_argument("--rollout-weight", type=float, default=0.0,
                     help="student: weight of the end-to-end term, its own K-step sample vs the teacher's (default 0: off; K more passes per iteration)")
     pt.add_argument("--rollout-start", type=int, default=0, help="student: iteration from which the end-to-end term is on (default 0)")
@@ -187,6 +189,8 @@ def _run_train(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if not 0 <= args.start_fraction <= 1:
         raise UsageError(f"--start-fraction must be in [0, 1], got {args.start_fraction}")
+    if args.first_window_share is not None and not 0 < args.first_window_share < 1:
+        raise UsageError(f"--first-window-share must be between 0 and 1 (exclusive), got {args.first_window_share}")
     if args.rollout_weight < 0 or args.rollout_start < 0:
         raise UsageError(f"--rollout-weight and --rollout-start must be >= 0, got {args.rollout_weight} and {args.rollout_start}")
     if args.adversarial_weight < 0 or args.adversarial_start < 0:
@@ -211,7 +215,7 @@ def _run_train(args: argparse.Namespace) -> int:
         opts = StudentTrainOptions(
             steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr or 2e-4,
             ema_decay=0.99 if args.ema_decay is None else args.ema_decay, grad_checkpointing=args.grad_checkpointing,
-            start_fraction=args.start_fraction, rollout_weight=args.rollout_weight, rollout_start=args.rollout_start,
+            start_fraction=args.start_fraction, first_window_share=args.first_window_share, rollout_weight=args.rollout_weight, rollout_start=args.rollout_start,
             bf16=not args.no_bf16, checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
         )
         out = train_student(comps.dit, args.data, args.out, opts, teacher_info=manifest["options"]["teacher"],

@@ -47,6 +47,10 @@ class StudentTrainOptions:
     warmup: int = 50
     ema_decay: float = 0.99
     start_fraction: float = 0.5
+    # Share of rows drawn from the first window (sigma 1 down); None: every window equally. On the
+    # demo teacher nearly all of a student's final error is made in that window (``distill eval``'s
+    # per-step errors), so its iterations are worth more there.
+    first_window_share: float | None = None
     # End-to-end term (direct distillation, Luhman & Luhman 2021): the student's own K-step sample
     # from the teacher's noise against the teacher's sample, relative MSE, from iteration
     # ``rollout_start`` on. It costs K more forward/backward passes per iteration and corrects
@@ -109,12 +113,17 @@ def checkpointed_rest_blocks(dit: FoleyDiT) -> Callable[[torch.Tensor, torch.Ten
     return run
 
 
-def window_batch(clip: ClipData, rows: list[int], steps: int, start_fraction: float, gen: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_batch(clip: ClipData, rows: list[int], steps: int, start_fraction: float, gen: torch.Generator,
+                 first_window_share: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PeRFlow inputs for ``rows`` of one clip: ``(x, sigma [B], target velocity)``."""
     grid = flow_match_schedule(steps).sigmas
     b = len(rows)
-    k = torch.randint(0, steps, (b,), generator=gen)
+    if first_window_share is None or steps == 1:
+        k = torch.randint(0, steps, (b,), generator=gen)
+    else:
+        weights = torch.full((steps,), (1 - first_window_share) / (steps - 1))
+        weights[0] = first_window_share
+        k = torch.multinomial(weights, b, replacement=True, generator=gen)
     u = torch.rand(b, generator=gen) * (torch.rand(b, generator=gen) >= start_fraction)
     noise = clip.noise(rows)
     xs, targets, sigmas = [], [], []
@@ -133,7 +142,7 @@ def student_loss(student: FoleyDiT, clip: ClipData, rows: list[int], opts: Stude
     """Mean squared error of the student's velocity against the window chords, plus (``rollout``)
     ``opts.rollout_weight`` times the relative error of its K-step sample; returns the loss and
     its parts for the log."""
-    x, sigma, target = window_batch(clip, rows, opts.steps, opts.start_fraction, gen)
+    x, sigma, target = window_batch(clip, rows, opts.steps, opts.start_fraction, gen, opts.first_window_share)
     b = len(rows)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and opts.bf16 else torch.autocast("cpu", enabled=False)
     with autocast:
