@@ -262,3 +262,32 @@ def test_first_window_share_draws_the_first_window(run) -> None:
     assert 0.6 < first < 0.8 and set(sigma.tolist()) == {1.0, 0.75, 0.5, 0.25}
     _, sigma, _ = window_batch(clip, rows, 4, 1.0, gen)
     assert 0.15 < (sigma == 1.0).float().mean().item() < 0.35
+
+
+def test_a_shifted_student_grid_from_prepare_to_the_engine(run, tmp_path: Path) -> None:
+    """--student-shift: states at the shifted grid, a student trained and recorded on it, and the
+    engine and eval sampling it there (not on the official uniform schedule)."""
+    from foleyserve.pipeline.pipeline import Engine
+    from foleyserve.pipeline.requests import GenerationRequest
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert main(["distill", "prepare", str(run["csv"]), "--out", str(data), "--demo", "--duration", "1", "--seeds-per-clip", "2",
+                 "--teacher-steps", "8", "--student-steps", "4", "--student-shift", "3"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["state_sigmas"] == pytest.approx([0.9, 0.75, 0.5])
+    assert main(["distill", "train", str(data), "--out", str(out), "--steps", "4", "--iterations", "2", "--batch-size", "2",
+                 "--device", "cpu"]) == 0
+    path = out / "student-k4.safetensors"
+    assert read_recipe(path).shift == 3.0
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.allclose(f.get_tensor(f"{OWN_PREFIX}sigmas.k4"), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    engine = Engine.from_config(EngineConfig(demo=True, precision="fp32", student=path))
+    job = engine.prepare(GenerationRequest(video=sample_clip_path(), prompt="footsteps", duration=1.0))
+    (latents,) = engine.sample_jobs([job])
+    student, _ = load_student(path)
+    kw = dict(noise=initial_noise(1, job.latent_length, seed=0), clip_feat=job.visual.siglip, sync_feat=job.visual.sync,
+              text_feat=job.text.text, uncond_text_feat=job.text.uncond, steps=4, guidance_scale=1.0)
+    assert torch.allclose(latents, sample_latents(student, shift=3.0, **kw), atol=1e-4)
+    assert not torch.allclose(latents, sample_latents(student, **kw), atol=1e-3)
+    assert main(["distill", "eval", str(data), "--student", str(path), "--reference-steps", "8", "--seeds-per-clip", "1",
+                 "--device", "cpu"]) == 0

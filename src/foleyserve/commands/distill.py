@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--student-steps", type=int, nargs="+", default=[4, 8], help="student step counts whose trajectory states to keep (default 4 8)")
     pp.add_argument("--duration", type=float, help="seconds of each video to use (default: up to 15)")
     pp.add_argument("--clips-per-shard", type=int, default=16, help="clips per safetensors shard (default 16)")
+    pp.add_argument("--student-shift", type=float, default=1.0,
+                    help="time shift of the student grids (default 1: uniform; 3 gives sigmas 1, 0.9, 0.75, 0.5, 0 at K=4)")
     pp.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32", help="trajectory states' dtype on disk")
     pp.add_argument("--seed", type=int, default=0, help="first noise seed (default 0)")
     _add_engine_args(pp)
@@ -128,6 +130,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if any(k < 1 or k > args.teacher_steps for k in args.student_steps):
         raise UsageError(f"--student-steps must be between 1 and --teacher-steps ({args.teacher_steps}), got {args.student_steps}")
+    if args.student_shift <= 0:
+        raise UsageError(f"--student-shift must be positive, got {args.student_shift}")
     if not 0 <= args.guidance <= 100:
         raise UsageError(f"--guidance must be between 0 and 100, got {args.guidance}")
     if args.student is not None or args.light_decoder is not None:
@@ -146,7 +150,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     options = PrepareOptions(
         teacher=teacher, teacher_steps=args.teacher_steps, guidance=args.guidance, seeds_per_clip=args.seeds_per_clip,
         clips_per_shard=args.clips_per_shard, duration=args.duration, seed=args.seed, clips=clips,
-        student_steps=sorted(set(args.student_steps)), state_dtype=args.state_dtype,
+        student_steps=sorted(set(args.student_steps)), student_shift=args.student_shift, state_dtype=args.state_dtype,
     )
     from foleyserve.cli import check_before_loading, load_engine
     from foleyserve.distill.data import check_out_folder, check_seed_range, prepare
@@ -213,7 +217,7 @@ def _run_train(args: argparse.Namespace) -> int:
         from foleyserve.distill.train_student import StudentTrainOptions, train_student
 
         opts = StudentTrainOptions(
-            steps=args.steps, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr or 2e-4,
+            steps=args.steps, shift=float(manifest["options"].get("student_shift", 1.0)), iterations=args.iterations, batch_size=args.batch_size, lr=args.lr or 2e-4,
             ema_decay=0.99 if args.ema_decay is None else args.ema_decay, grad_checkpointing=args.grad_checkpointing,
             start_fraction=args.start_fraction, first_window_share=args.first_window_share, rollout_weight=args.rollout_weight, rollout_start=args.rollout_start,
             bf16=not args.no_bf16, checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
@@ -264,10 +268,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     manifest, comps = _teacher_for(args.data, device)
-    students = {}
+    students, shifts = {}, {}
     for path in args.student:
         dit, recipe = load_student(path, device=device, dtype=comps.dit.dtype)
-        students[recipe.steps] = dit
+        students[recipe.steps], shifts[recipe.steps] = dit, recipe.shift
     light = load_light_decoder(args.light_decoder, device=device) if args.light_decoder is not None else None
     scorers = None
     if args.scores:
@@ -279,7 +283,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             from foleyserve.scoring import load_scorers
 
             scorers = load_scorers(manifest["options"]["teacher"]["model_dir"], components=comps)
-    report = evaluate(comps.dit, comps.dac, args.data, students=students, light_decoder=light,
+    report = evaluate(comps.dit, comps.dac, args.data, students=students, student_shifts=shifts, light_decoder=light,
                       guidance=float(manifest["options"]["guidance"]), reference_steps=args.reference_steps,
                       seeds_per_clip=args.seeds_per_clip, max_clips=args.max_clips, scorers=scorers, train_seeds=args.train_seeds,
                       progress=_progress("eval", "clip"))

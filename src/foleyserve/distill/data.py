@@ -62,13 +62,19 @@ class PrepareOptions:
     clips_per_shard: int = 16
     # Student step counts whose grids the stored trajectory states cover (empty: endpoints only).
     student_steps: list[int] = field(default_factory=lambda: [4, 8])
+    # Time shift of those grids (flow_match_schedule's; 1: uniform). Above 1 puts the steps closer
+    # together at high noise, where the teacher's path bends most.
+    student_shift: float = 1.0
     state_dtype: str = "float32"  # "bfloat16" halves the states' size on disk (real data)
     duration: float | None = None  # seconds of each video used (None: up to 15 s)
     seed: int = 0
     clips: list[Clip] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if d["student_shift"] == 1.0:
+            del d["student_shift"]  # folders prepared before the option existed still resume
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_inputs(source: Path, *, prompt: str = "", negative_prompt: str = "noisy, harsh") -> list[Clip]:
@@ -105,9 +111,15 @@ def read_inputs(source: Path, *, prompt: str = "", negative_prompt: str = "noisy
     return clips
 
 
-def state_sigmas(student_steps: list[int]) -> list[float]:
-    """The interior noise levels (0 < sigma < 1, descending) of every K-step uniform grid."""
-    levels = {round(i / k, 9) for k in student_steps for i in range(1, k)}
+def state_sigmas(student_steps: list[int], shift: float = 1.0) -> list[float]:
+    """The interior noise levels (0 < sigma < 1, descending) of every K-step grid (uniform, or
+    with flow_match_schedule's time ``shift``)."""
+    if shift == 1.0:
+        levels = {round(i / k, 9) for k in student_steps for i in range(1, k)}
+    else:
+        from foleyserve.pipeline.sampler import flow_match_schedule
+
+        levels = {round(float(x), 9) for k in student_steps for x in flow_match_schedule(k, shift=shift).sigmas[1:-1]}
     return sorted(levels, reverse=True)
 
 
@@ -191,7 +203,7 @@ def prepare(
         "shards": [shard_name(i) for i in range(n_shards)],
         "clips": len(options.clips),
         "samples": len(options.clips) * options.seeds_per_clip,
-        "state_sigmas": state_sigmas(options.student_steps),
+        "state_sigmas": state_sigmas(options.student_steps, options.student_shift),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     done = sum(1 for i in range(n_shards) if (out / shard_name(i)).is_file()) * options.clips_per_shard
@@ -237,7 +249,7 @@ def _teacher_samples(engine, job, seeds: list[int], options: PrepareOptions) -> 
     from foleyserve.pipeline.sampler import flow_match_schedule, sample_latents
 
     noise = torch.cat([initial_noise(1, job.latent_length, seed=s) for s in seeds])
-    targets = state_sigmas(options.student_steps)
+    targets = state_sigmas(options.student_steps, options.student_shift)
     recorder = TrajectoryRecorder(flow_match_schedule(options.teacher_steps).sigmas, targets, noise)
     dev = engine.device
     with engine._on_device(engine.components.dit):

@@ -48,24 +48,26 @@ class Variant:
     guidance: float
     decoder: torch.nn.Module
     student: bool = False
+    shift: float = 1.0  # the run's time shift (a student's recipe; the teacher's schedule is uniform)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _sample(dit, clip: ClipData, noise: torch.Tensor, steps: int, guidance: float, callback=None) -> torch.Tensor:
+def _sample(dit, clip: ClipData, noise: torch.Tensor, steps: int, guidance: float, callback=None, shift: float = 1.0) -> torch.Tensor:
     return sample_latents(
         dit, noise=noise, clip_feat=clip.siglip[None], sync_feat=clip.sync[None], text_feat=clip.text[None],
-        uncond_text_feat=clip.uncond[None], steps=steps, guidance_scale=guidance, callback=callback,
+        uncond_text_feat=clip.uncond[None], steps=steps, guidance_scale=guidance, callback=callback, shift=shift,
     )
 
 
-def _grid(steps: int) -> list[float]:
+def _grid(steps: int, shift: float = 1.0) -> list[float]:
     """The noise levels a K-step run's states sit at after steps 1..K-1 (the last is the sample)."""
-    return [float(x) for x in flow_match_schedule(steps).sigmas[1:-1]]
+    return [round(float(x), 9) for x in flow_match_schedule(steps, shift=shift).sigmas[1:-1]]
 
 
-def _sample_with_states(dit, clip: ClipData, noise: torch.Tensor, steps: int, guidance: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _sample_with_states(dit, clip: ClipData, noise: torch.Tensor, steps: int, guidance: float, shift: float
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     states: list[torch.Tensor] = []
-    out = _sample(dit, clip, noise, steps, guidance, callback=lambda _i, _n, x: states.append(x.float().cpu().clone()))
+    out = _sample(dit, clip, noise, steps, guidance, callback=lambda _i, _n, x: states.append(x.float().cpu().clone()), shift=shift)
     return out, states[:-1]
 
 
@@ -82,6 +84,7 @@ def evaluate(
     data: Path,
     *,
     students: dict[int, torch.nn.Module],
+    student_shifts: dict[int, float] | None = None,
     light_decoder: torch.nn.Module | None = None,
     guidance: float = 4.5,
     reference_steps: int = 50,
@@ -100,12 +103,13 @@ def evaluate(
     variants: list[Variant] = []
     for k in sorted(students):
         variants.append(Variant(f"teacher-{k}-cfg", teacher_dit, k, guidance, teacher_dac))
-        variants.append(Variant(f"student-{k}", students[k], k, 1.0, teacher_dac, student=True))
+        shift = (student_shifts or {}).get(k, 1.0)
+        variants.append(Variant(f"student-{k}", students[k], k, 1.0, teacher_dac, student=True, shift=shift))
         if light_decoder is not None:
-            variants.append(Variant(f"student-{k}+light", students[k], k, 1.0, light_decoder, student=True))
+            variants.append(Variant(f"student-{k}+light", students[k], k, 1.0, light_decoder, student=True, shift=shift))
     if light_decoder is not None:
         variants.append(Variant("light-decoder", None, reference_steps, guidance, light_decoder))
-    levels = sorted({x for k in students for x in _grid(k)}, reverse=True)
+    levels = sorted({x for v in variants if v.dit is not None for x in _grid(v.steps, v.shift)}, reverse=True)
     ref_seconds: list[float] = []
     ref_scores: dict[str, list[float]] = {}
     for ci, clip in enumerate(clips):
@@ -147,7 +151,7 @@ def _measure_clip(clip: ClipData, ci: int, seeds: list[int], split: str, variant
         else:
             key = (id(v.dit), v.steps)
             if key not in cache:
-                cache[key] = _timed(lambda: _sample_with_states(v.dit, clip, noise, v.steps, v.guidance))
+                cache[key] = _timed(lambda: _sample_with_states(v.dit, clip, noise, v.steps, v.guidance, v.shift))
             (lat, states), t_dit = cache[key]
         wave, t_decode = _timed(lambda: v.decoder.decode(lat).float())
         for i in range(len(seeds)):
@@ -159,7 +163,7 @@ def _measure_clip(clip: ClipData, ci: int, seeds: list[int], split: str, variant
                 "denoise_s": t_dit / len(seeds), "decode_s": t_decode / len(seeds),
             }
             if v.dit is not None:
-                row["step_rel_l2"] = [rel_l2(x[i], ref_states[lv][i].to(x.device)) for x, lv in zip(states, _grid(v.steps))] + [row["latent_rel_l2"]]
+                row["step_rel_l2"] = [rel_l2(x[i], ref_states[lv][i].to(x.device)) for x, lv in zip(states, _grid(v.steps, v.shift))] + [row["latent_rel_l2"]]
             v.rows.append(row)
         if scorers is not None:
             _score(scorers, clip, wave, v.rows[-len(seeds):], sample_rate)

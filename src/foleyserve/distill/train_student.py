@@ -40,6 +40,7 @@ class StudentTrainOptions:
     """Options of one student run (recorded in its checkpoint's recipe)."""
 
     steps: int = 4  # K: the student's step count
+    shift: float = 1.0  # time shift of its grid: the data's (``distill prepare --student-shift``)
     iterations: int = 1000
     batch_size: int = 8  # rows per iteration (seeds of one clip share its features)
     lr: float = 2e-4
@@ -114,9 +115,9 @@ def checkpointed_rest_blocks(dit: FoleyDiT) -> Callable[[torch.Tensor, torch.Ten
 
 
 def window_batch(clip: ClipData, rows: list[int], steps: int, start_fraction: float, gen: torch.Generator,
-                 first_window_share: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 first_window_share: float | None = None, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PeRFlow inputs for ``rows`` of one clip: ``(x, sigma [B], target velocity)``."""
-    grid = flow_match_schedule(steps).sigmas
+    grid = flow_match_schedule(steps, shift=shift).sigmas
     b = len(rows)
     if first_window_share is None or steps == 1:
         k = torch.randint(0, steps, (b,), generator=gen)
@@ -142,7 +143,7 @@ def student_loss(student: FoleyDiT, clip: ClipData, rows: list[int], opts: Stude
     """Mean squared error of the student's velocity against the window chords, plus (``rollout``)
     ``opts.rollout_weight`` times the relative error of its K-step sample; returns the loss and
     its parts for the log."""
-    x, sigma, target = window_batch(clip, rows, opts.steps, opts.start_fraction, gen, opts.first_window_share)
+    x, sigma, target = window_batch(clip, rows, opts.steps, opts.start_fraction, gen, opts.first_window_share, opts.shift)
     b = len(rows)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and opts.bf16 else torch.autocast("cpu", enabled=False)
     with autocast:
@@ -155,15 +156,15 @@ def student_loss(student: FoleyDiT, clip: ClipData, rows: list[int], opts: Stude
         window = (v.float() - target.to(device)).pow(2).mean()
         if not rollout or opts.rollout_weight <= 0:
             return window, {"window": window.item()}
-        sample = _student_sample(student, clip.noise(rows).to(device), c, opts.steps, parts)
+        sample = _student_sample(student, clip.noise(rows).to(device), c, opts.steps, parts, opts.shift)
     teacher = clip.latent[rows].to(device)
     end = (sample - teacher).pow(2).mean() / teacher.pow(2).mean()
     return window + opts.rollout_weight * end, {"window": window.item(), "rollout_rel_l2": end.sqrt().item()}
 
 
-def _student_sample(student: FoleyDiT, noise: torch.Tensor, c: DiTConditions, steps: int, parts) -> torch.Tensor:
-    """The sampler's Euler loop on the student's uniform grid, with gradients (float32 state)."""
-    grid = flow_match_schedule(steps).sigmas.tolist()
+def _student_sample(student: FoleyDiT, noise: torch.Tensor, c: DiTConditions, steps: int, parts, shift: float = 1.0) -> torch.Tensor:
+    """The sampler's Euler loop on the student's grid, with gradients (float32 state)."""
+    grid = flow_match_schedule(steps, shift=shift).sigmas.tolist()
     x = noise.float()
     for k in range(steps):
         t = torch.full((x.shape[0],), grid[k] * 1000.0, device=x.device)
@@ -222,7 +223,7 @@ def train_student(
     stream = iter(ClipStream(data, opts.seed + start))
     manifest = read_manifest(data)
     recipe = StudentRecipe(
-        steps=opts.steps, trained_steps=(opts.steps,), distilled_guidance=guidance,
+        steps=opts.steps, trained_steps=(opts.steps,), distilled_guidance=guidance, shift=opts.shift,
         model_kwargs=_model_kwargs(teacher), teacher=teacher_info,
         method=f"PeRFlow: piecewise rectified flow on the teacher's {manifest['options']['teacher_steps']}-step CFG trajectories, {opts.steps} windows",
         training={**asdict(opts), "data": str(data), "samples": manifest["samples"]},

@@ -378,12 +378,17 @@ class Engine:
                 uncond_text_feat=uncond,
                 steps=steps,
                 guidance_scale=guidance,
+                shift=self._sampling_shift(),
                 callback=cb,
                 text_lengths=lengths,
                 runner=self.step_graphs,
             )
 
     @torch.no_grad()
+    def _sampling_shift(self) -> float:
+        # A student samples on the grid it was trained for; the official schedule is unshifted.
+        return float(getattr(self.student_recipe, "shift", 1.0)) if self.student_recipe is not None else 1.0
+
     def decode_audio(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> [B, 1, 960*La] float32 waveforms at 48 kHz (the DAC runs in fp32)."""
         with self._on_device(self.components.dac):
@@ -478,6 +483,7 @@ class Engine:
                 uncond_text_feat=torch.cat([pad(job.text.uncond) for job in jobs]),
                 steps=first.request.steps,
                 guidance_scale=[float(job.request.guidance) for job in jobs],
+                shift=self._sampling_shift(),
                 text_lengths=[job.text.text.shape[1] for job in jobs],
                 step_cache=cache,
                 keep_rows=keep_rows,
