@@ -384,11 +384,11 @@ class Engine:
                 runner=self.step_graphs,
             )
 
-    @torch.no_grad()
     def _sampling_shift(self) -> float:
         # A student samples on the grid it was trained for; the official schedule is unshifted.
         return float(getattr(self.student_recipe, "shift", 1.0)) if self.student_recipe is not None else 1.0
 
+    @torch.no_grad()
     def decode_audio(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> [B, 1, 960*La] float32 waveforms at 48 kHz (the DAC runs in fp32)."""
         with self._on_device(self.components.dac):
