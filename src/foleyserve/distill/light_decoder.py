@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from foleyserve.config import ConfigError
-from foleyserve.models.vae import DAC, ResidualUnit, Snake1d, WNConv1d, WNConvTranspose1d, _strided_padding
+from foleyserve.models.vae import DAC, DecoderBlock, Snake1d, WNConv1d
 
 FORMAT = "foleyserve-light-decoder/1"
 META_KEY = "foleyserve.light_decoder"
@@ -69,22 +69,6 @@ class LightDecoderConfig:
         return cls(**d).validate()
 
 
-class LightDecoderBlock(nn.Module):
-    def __init__(self, input_dim: int, output_dim: int, stride: int, dilations: Sequence[int]) -> None:
-        super().__init__()
-        self.block = nn.Sequential(
-            Snake1d(input_dim),
-            WNConvTranspose1d(
-                input_dim, output_dim, kernel_size=2 * stride, stride=stride,
-                padding=_strided_padding(stride), output_padding=stride % 2,
-            ),
-            *(ResidualUnit(output_dim, dilation=d) for d in dilations),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
 class LightDecoder(nn.Module):
     """The DAC decoder with free per-stage widths and residual units (same module names)."""
 
@@ -93,7 +77,7 @@ class LightDecoder(nn.Module):
         ch = cfg.channels
         layers: list[nn.Module] = [WNConv1d(cfg.latent_dim, ch[0], kernel_size=7, padding=3)]
         for i, stride in enumerate(cfg.rates):
-            layers.append(LightDecoderBlock(ch[i], ch[i + 1], stride, cfg.dilations))
+            layers.append(DecoderBlock(ch[i], ch[i + 1], stride, cfg.dilations))
         layers += [Snake1d(ch[-1]), WNConv1d(ch[-1], 1, kernel_size=7, padding=3), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 

@@ -20,7 +20,6 @@ those distances barely register; measure it there before turning it on.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 
 from foleyserve.distill.data import ClipData, load_clips
+from foleyserve.distill.loop import end_iteration, update_ema
 from foleyserve.distill.discriminator import (
     DecoderDiscriminator,
     discriminator_loss,
@@ -158,19 +158,11 @@ def train_decoder(
         torch.nn.utils.clip_grad_norm_(light.parameters(), 10.0)
         optim.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(opts.ema_decay, (1 + it) / (10 + it))
-            for pe, ps in zip(ema.parameters(), light.parameters()):
-                pe.lerp_(ps, 1 - decay)
+        update_ema(ema, light, it, opts.ema_decay)
         record = {"iteration": it + 1, "loss": round(loss.item(), 5), **{k: round(v, 5) for k, v in parts.items()},
                   "seconds": round(time.perf_counter() - t0, 3)}
-        if (it + 1) % opts.log_every == 0 or it + 1 == opts.iterations:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if progress:
-            progress(it + 1, opts.iterations, record)
-        if (it + 1) % opts.checkpoint_every == 0:
-            save(it + 1)
+        end_iteration(it, opts.iterations, record, log=log, log_every=opts.log_every, checkpoint_every=opts.checkpoint_every,
+                      save=save, progress=progress)
     log.close()
     save(opts.iterations)
     return target

@@ -15,7 +15,6 @@ which is what is saved.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -27,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from foleyserve.distill.data import ClipData, iter_clips, read_manifest
+from foleyserve.distill.loop import end_iteration, update_ema
 from foleyserve.distill.student import StudentRecipe, save_student
 from foleyserve.models.dit import DiTConditions, FoleyDiT
 from foleyserve.pipeline.sampler import flow_match_schedule
@@ -249,21 +249,12 @@ def train_student(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
         optim.step()
-        with torch.no_grad():
-            # Warm the EMA up with the run (Karras-style ramp), so short runs are not stuck near the teacher.
-            decay = min(opts.ema_decay, (1 + it) / (10 + it))
-            for pe, ps in zip(ema.parameters(), student.parameters()):
-                pe.lerp_(ps, 1 - decay)
+        update_ema(ema, student, it, opts.ema_decay)
         record = {"iteration": it + 1, "loss": round(loss.item(), 6), **{k: round(v, 6) for k, v in parts.items()},
                   "grad_norm": round(grad_norm.item(), 4),
                   "lr": optim.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
-        if (it + 1) % opts.log_every == 0 or it + 1 == opts.iterations:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if progress:
-            progress(it + 1, opts.iterations, record)
-        if (it + 1) % opts.checkpoint_every == 0:
-            save(it + 1)
+        end_iteration(it, opts.iterations, record, log=log, log_every=opts.log_every, checkpoint_every=opts.checkpoint_every,
+                      save=save, progress=progress)
     log.close()
     save(opts.iterations)
     return target

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -245,7 +245,8 @@ class Encoder(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, input_dim: int, output_dim: int, stride: int) -> None:
+    # ``dilations``: the official three residual units, or fewer (the distilled light decoder).
+    def __init__(self, input_dim: int, output_dim: int, stride: int, dilations: Sequence[int] = (1, 3, 9)) -> None:
         super().__init__()
         self.block = nn.Sequential(
             Snake1d(input_dim),
@@ -253,9 +254,7 @@ class DecoderBlock(nn.Module):
                 input_dim, output_dim, kernel_size=2 * stride, stride=stride,
                 padding=_strided_padding(stride), output_padding=stride % 2,
             ),
-            ResidualUnit(output_dim, dilation=1),
-            ResidualUnit(output_dim, dilation=3),
-            ResidualUnit(output_dim, dilation=9),
+            *(ResidualUnit(output_dim, dilation=d) for d in dilations),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
