@@ -154,6 +154,7 @@ def _measure_clip(clip: ClipData, ci: int, seeds: list[int], split: str, variant
                 cache[key] = _timed(lambda: _sample_with_states(v.dit, clip, noise, v.steps, v.guidance, v.shift))
             (lat, states), t_dit = cache[key]
         wave, t_decode = _timed(lambda: v.decoder.decode(lat).float())
+        levels_v = _grid(v.steps, v.shift)
         for i in range(len(seeds)):
             row = {
                 "clip": ci, "seed": seeds[i], "split": split,
@@ -163,7 +164,7 @@ def _measure_clip(clip: ClipData, ci: int, seeds: list[int], split: str, variant
                 "denoise_s": t_dit / len(seeds), "decode_s": t_decode / len(seeds),
             }
             if v.dit is not None:
-                row["step_rel_l2"] = [rel_l2(x[i], ref_states[lv][i].to(x.device)) for x, lv in zip(states, _grid(v.steps, v.shift))] + [row["latent_rel_l2"]]
+                row["step_rel_l2"] = [rel_l2(x[i], ref_states[lv][i].to(x.device)) for x, lv in zip(states, levels_v)] + [row["latent_rel_l2"]]
             v.rows.append(row)
         if scorers is not None:
             _score(scorers, clip, wave, v.rows[-len(seeds):], sample_rate)
